@@ -1,0 +1,35 @@
+"""Attamba: chunk-compressed attention with SSM keys/values.
+
+The public API for notebooks and scripts::
+
+    import attamba
+    config = attamba.load_config(["model=attamba", "chunking.size=16"])
+    model = attamba.build_model(config)
+    gen = attamba.Generator(model)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from attamba.config import Config
+from attamba.inference import Generator
+from attamba.models import build_model
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def load_config(overrides: Sequence[str] = ()) -> Config:
+    """Compose ``conf/`` with Hydra override strings and return the validated, typed config."""
+    from hydra import compose, initialize_config_dir
+
+    from attamba.config import from_dictconfig, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        composed = compose(config_name="config", overrides=list(overrides))
+    return from_dictconfig(composed)
+
+
+__all__ = ["Config", "Generator", "build_model", "load_config"]

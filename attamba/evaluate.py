@@ -1,0 +1,330 @@
+"""Rolling-window perplexity, computed exactly as lm-evaluation-harness does.
+
+Two evaluations share one scorer so their numbers are comparable across
+tokenizers:
+
+* ``evaluate_wikitext2``: lm-eval's ``wikitext`` task (WikiText-2 raw test
+  split as 62 Wikipedia pages). Each page is detokenized, tokenized and scored
+  with ``loglikelihood_rolling`` windows; word and byte counts come from the
+  *original* page, as in lm-eval's ``process_results``.
+* ``evaluate_validation``: the same rolling scorer over held-out documents
+  (no detokenizer), reporting mean NLL per token and word perplexity.
+
+Rolling windows (lm-eval's ``get_rolling_token_windows`` with
+``context_len=1`` followed by ``make_disjoint_window``): the first window is
+``[BOS] + t[0:L-1]`` and scores ``t[0:L]``; every later window scores the next
+``L`` tokens (fewer at the end of a page), each conditioned on the ``L`` tokens
+right before it, so every token is scored exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Protocol, Sequence
+
+import torch
+from torch import nn
+
+Window = tuple[list[int], list[int]]
+
+
+class Tokenizer(Protocol):
+    """What the scorer needs from a tokenizer (``attamba.data`` provides one)."""
+
+    bos_id: int
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without BOS/EOS."""
+        ...
+
+
+# ---------------------------------------------------------------------------
+# WikiText-2 pages (lm-eval's EleutherAI/wikitext_document_level)
+# ---------------------------------------------------------------------------
+
+
+def _is_page_title(line: str) -> bool:
+    """A top-level heading ``= Title =``; ``= = Section = =`` lines are not."""
+    collapsed = line.replace("= = =", "===").replace("= =", "==").strip()
+    return collapsed.startswith("= ") and collapsed.endswith(" =")
+
+
+def wikitext2_documents(path: str | Path) -> list[str]:
+    """Split a WikiText raw file into its original pages (62 for the WikiText-2 test split).
+
+    A page starts at each title line and keeps its lines verbatim, joined by
+    ``"\\n"``. As in ``wikitext_document_level``, text before the first title
+    is dropped when it is blank, and the last page is kept unconditionally.
+    """
+    pages: list[str] = []
+    lines: list[str] = []
+    for line in Path(path).read_text(encoding="utf-8").split("\n"):
+        if _is_page_title(line):
+            page = "\n".join(lines)
+            if page.strip():
+                pages.append(page)
+            lines = []
+        lines.append(line)
+    pages.append("\n".join(lines))
+    return pages
+
+
+def _literal(old: str, new: str) -> Callable[[str], str]:
+    return lambda text: text.replace(old, new)
+
+
+def _pattern(regex: str, replacement: str) -> Callable[[str], str]:
+    compiled = re.compile(regex)
+    return lambda text: compiled.sub(replacement, text)
+
+
+# lm-eval's ``wikitext_detokenizer``, step for step; the order matters.
+_DETOKENIZER_STEPS: tuple[Callable[[str], str], ...] = (
+    # contractions; the second rule is lm-eval's (it only ever matches the
+    # literal "/' 5/" and writes "/'[0-9]/"), kept so our text is identical
+    _literal("s '", "s'"),
+    _pattern(r"/' [0-9]/", "/'[0-9]/"),
+    # number separators
+    _literal(" @-@ ", "-"),
+    _literal(" @,@ ", ","),
+    _literal(" @.@ ", "."),
+    # punctuation
+    _literal(" : ", ": "),
+    _literal(" ; ", "; "),
+    _literal(" . ", ". "),
+    _literal(" ! ", "! "),
+    _literal(" ? ", "? "),
+    _literal(" , ", ", "),
+    # brackets and quotes hug their contents
+    _pattern(r"\(\s*([^\)]*?)\s*\)", r"(\1)"),
+    _pattern(r"\[\s*([^\]]*?)\s*\]", r"[\1]"),
+    _pattern(r"{\s*([^}]*?)\s*}", r"{\1}"),
+    _pattern(r"\"\s*([^\"]*?)\s*\"", r'"\1"'),
+    _pattern(r"'\s*([^']*?)\s*'", r"'\1'"),
+    # headings, degrees, line edges, the number placeholder, possessives
+    _literal("= = = =", "===="),
+    _literal("= = =", "==="),
+    _literal("= =", "=="),
+    _literal(" \N{DEGREE SIGN} ", "\N{DEGREE SIGN}"),
+    _literal(" \n", "\n"),
+    _literal("\n ", "\n"),
+    _literal(" N ", " 1 "),
+    _literal(" 's", "'s"),
+)
+
+
+def wikitext_detokenize(page: str) -> str:
+    """Undo WikiText's tokenization spaces (``" @-@ "`` → ``"-"``, ``" , "`` → ``", "`` …)."""
+    for step in _DETOKENIZER_STEPS:
+        page = step(page)
+    return page
+
+
+def count_words(text: str) -> int:
+    """lm-eval's word count: pieces between runs of whitespace (``""`` counts as one)."""
+    return len(re.split(r"\s+", text))
+
+
+def count_bytes(text: str) -> int:
+    """UTF-8 length of ``text``."""
+    return len(text.encode("utf-8"))
+
+
+# ---------------------------------------------------------------------------
+# Rolling windows
+# ---------------------------------------------------------------------------
+
+
+def rolling_windows(tokens: list[int], bos_id: int, max_len: int) -> list[Window]:
+    """Cut ``tokens`` into ``(input, targets)`` windows that score each token once.
+
+    ``input`` is what the model reads (at most ``max_len`` tokens) and
+    ``targets`` are the tokens predicted by its last ``len(targets)``
+    positions. The first window reads ``[bos_id] + tokens[:max_len - 1]``;
+    each later one scores up to ``max_len`` new tokens with the ``max_len``
+    tokens right before its end as input. An empty list has no windows.
+    """
+    if not isinstance(max_len, int) or max_len < 1:
+        raise ValueError(f"max_len: must be an integer >= 1, got {max_len!r}")
+    first = min(max_len, len(tokens))
+    windows: list[Window] = [([bos_id] + tokens[: first - 1], tokens[:first])] if tokens else []
+    scored = first
+    while scored < len(tokens):
+        end = min(scored + max_len, len(tokens))
+        windows.append((tokens[end - max_len - 1 : end - 1], tokens[scored:end]))
+        scored = end
+    return windows
+
+
+# ---------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class DocumentScores:
+    """Summed log-likelihood of a set of documents and what it is normalised by."""
+
+    loglikelihood: float  # natural log, summed over every scored token
+    tokens: int
+    words: int  # lm-eval word count of the original documents
+    bytes: int  # UTF-8 bytes of the original documents
+    documents: int
+
+    @property
+    def word_perplexity(self) -> float:
+        return math.exp(-self.loglikelihood / self.words)
+
+    @property
+    def byte_perplexity(self) -> float:
+        return math.exp(-self.loglikelihood / self.bytes)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return -self.loglikelihood / self.bytes / math.log(2)
+
+    @property
+    def token_loss(self) -> float:
+        """Mean negative log-likelihood per token (nats)."""
+        return -self.loglikelihood / self.tokens
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _batches(windows: list[Window], batch_size: int) -> list[list[Window]]:
+    """Group windows longest first so that right padding stays minimal."""
+    ordered = sorted(windows, key=lambda window: len(window[0]), reverse=True)
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def _collate(batch: list[Window], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded inputs, targets aligned with input positions, and the mask of scored positions."""
+    length = max(len(inputs) for inputs, _ in batch)
+    inputs = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    targets = torch.zeros((len(batch), length), dtype=torch.long)
+    scored = torch.zeros((len(batch), length), dtype=torch.bool)
+    for row, (window_inputs, window_targets) in enumerate(batch):
+        end, start = len(window_inputs), len(window_inputs) - len(window_targets)
+        inputs[row, :end] = torch.tensor(window_inputs)
+        targets[row, start:end] = torch.tensor(window_targets)
+        scored[row, start:end] = True
+    return inputs, targets, scored
+
+
+def _batch_loglikelihood(
+    model: nn.Module, batch: list[Window], pad_id: int, device: torch.device,
+    autocast_dtype: Optional[torch.dtype],
+) -> float:
+    """Summed log-probability of the batch's targets (padding is masked out)."""
+    inputs, targets, scored = (tensor.to(device) for tensor in _collate(batch, pad_id))
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits = model(inputs)
+    # fp32 softmax: bf16 logits would cost ~3 significant digits of perplexity
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return token_logprobs[scored].double().sum().item()
+
+
+def score_documents(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    pages: Sequence[str],
+    context: int,
+    batch_size: int = 8,
+    detokenize: Optional[Callable[[str], str]] = None,
+    device: Optional[torch.device | str] = None,
+    autocast_dtype: Optional[torch.dtype] = None,
+) -> DocumentScores:
+    """Score every token of every page once with rolling windows of ``context`` tokens.
+
+    The model reads ``detokenize(page)`` (or the page itself); words and bytes
+    are counted on the original page. Windows from all pages are batched
+    together, right-padded and masked, so the model must be causal: its
+    output at a position may not depend on later positions. The model runs in
+    eval mode under ``no_grad`` and gets its train/eval mode back afterwards.
+    """
+    if not isinstance(context, int) or context < 1:
+        raise ValueError(f"context: must be an integer >= 1, got {context!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
+    if len(pages) == 0:
+        raise ValueError("pages: need at least one document to score, got none")
+
+    windows: list[Window] = []
+    for page in pages:
+        text = detokenize(page) if detokenize is not None else page
+        windows.extend(rolling_windows(tokenizer.encode(text), tokenizer.bos_id, context))
+
+    device = torch.device(device) if device is not None else _model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            loglikelihood = sum(
+                _batch_loglikelihood(model, batch, tokenizer.bos_id, device, autocast_dtype)
+                for batch in _batches(windows, batch_size)
+            )
+    finally:
+        model.train(was_training)
+
+    return DocumentScores(
+        loglikelihood=loglikelihood,
+        tokens=sum(len(targets) for _, targets in windows),
+        words=sum(count_words(page) for page in pages),
+        bytes=sum(count_bytes(page) for page in pages),
+        documents=len(pages),
+    )
+
+
+def evaluate_wikitext2(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    path: str | Path,
+    context: int,
+    batch_size: int = 8,
+    device: Optional[torch.device | str] = None,
+    autocast_dtype: Optional[torch.dtype] = None,
+) -> dict[str, float]:
+    """lm-eval's ``wikitext`` metrics on a WikiText-2 raw file (``wiki.test.raw``)."""
+    scores = score_documents(
+        model, tokenizer, wikitext2_documents(path), context, batch_size=batch_size,
+        detokenize=wikitext_detokenize, device=device, autocast_dtype=autocast_dtype,
+    )
+    return {
+        "word_perplexity": scores.word_perplexity,
+        "byte_perplexity": scores.byte_perplexity,
+        "bits_per_byte": scores.bits_per_byte,
+        "loglikelihood": scores.loglikelihood,
+        "words": scores.words,
+        "bytes": scores.bytes,
+        "tokens": scores.tokens,
+        "documents": scores.documents,
+    }
+
+
+def evaluate_validation(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    documents: Sequence[str],
+    context: int,
+    batch_size: int = 8,
+    device: Optional[torch.device | str] = None,
+    autocast_dtype: Optional[torch.dtype] = None,
+) -> dict[str, float]:
+    """Held-out loss (mean NLL per token) and word perplexity, with the WikiText scorer."""
+    scores = score_documents(
+        model, tokenizer, documents, context, batch_size=batch_size,
+        device=device, autocast_dtype=autocast_dtype,
+    )
+    return {
+        "loss": scores.token_loss,
+        "word_perplexity": scores.word_perplexity,
+        "tokens": scores.tokens,
+        "words": scores.words,
+    }

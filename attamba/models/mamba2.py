@@ -1,0 +1,178 @@
+"""The Mamba-2 block (used for Attamba's keys/values and as the mixer of the pure-SSM LM).
+
+One block can hold several independent *streams* that share a single input
+projection call and a single scan call: Attamba's K and V SSMs read the same
+normed input, so fusing them halves the kernel launches. Stream ``s`` owns SSM
+heads ``[s*H, (s+1)*H)`` and B/C group ``s`` of the scan.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attamba.config import ModelConfig, SSMConfig
+from attamba.models.layers import truncated_normal_
+from attamba.ops.conv import chunked_causal_conv, conv_step
+from attamba.ops.ssm import chunk_scan, ssm_step
+
+
+@dataclass
+class SSMState:
+    """What decoding keeps of an SSM block: the conv window and the scan state of the chunk in progress."""
+
+    conv: torch.Tensor | None  # [b, channels, conv-1] (None without conv)
+    ssm: torch.Tensor  # [b, streams*heads, head_dim, state_dim], fp32
+
+    def reset_(self) -> None:
+        if self.conv is not None:
+            self.conv.zero_()
+        self.ssm.zero_()
+
+
+class SSMBlock(nn.Module):
+    """in_proj -> [z, x, B, C, dt]; chunk-resetting conv + SiLU over [x, B, C]; chunk-reset scan;
+    RMSNorm(y * silu(z)); out_proj. Input ``[b, L, d_in]`` (shared by all streams) or
+    ``[b, L, streams, d_in]`` (one input per stream); output ``[b, L, streams, d_out]``."""
+
+    def __init__(self, ssm: SSMConfig, d_in: int, d_out: int, streams: int = 1, norm_eps: float = 1e-5):
+        super().__init__()
+        self.cfg = ssm
+        self.streams = streams
+        self.norm_eps = norm_eps
+        hidden, state, heads = ssm.hidden, ssm.state_dim, ssm.heads
+        self.proj_width = 2 * hidden + 2 * state + heads  # [z, x, B, C, dt]
+        self.conv_width = hidden + 2 * state  # [x, B, C]
+        self.in_proj = nn.Parameter(torch.empty(streams, self.proj_width, d_in))
+        if ssm.conv > 0:
+            self.conv_weight = nn.Parameter(torch.empty(streams * self.conv_width, ssm.conv))
+            self.conv_bias = nn.Parameter(torch.empty(streams * self.conv_width))
+        self.dt_bias = nn.Parameter(torch.empty(streams * heads))
+        self.A_log = nn.Parameter(torch.empty(streams * heads))
+        self.D = nn.Parameter(torch.empty(streams * heads))
+        self.norm_weight = nn.Parameter(torch.empty(streams, hidden))
+        self.out_proj = nn.Parameter(torch.empty(streams, d_out, hidden))
+
+    def reset_parameters(self, std: float, depth_factor: float) -> None:
+        cfg = self.cfg
+        truncated_normal_(self.in_proj, std)
+        truncated_normal_(self.out_proj, cfg.hidden ** -0.5 / depth_factor)
+        if cfg.conv > 0:
+            bound = cfg.conv ** -0.5  # nn.Conv1d's default for a depthwise kernel of this width
+            nn.init.uniform_(self.conv_weight, -bound, bound)
+            nn.init.uniform_(self.conv_bias, -bound, bound)
+        with torch.no_grad():
+            # dt ~ logU(dt_min, dt_max) at init, stored through softplus's inverse
+            dt = torch.exp(torch.empty_like(self.dt_bias).uniform_(math.log(cfg.dt_min), math.log(cfg.dt_max)))
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            self.A_log.copy_(torch.empty_like(self.A_log).uniform_(cfg.a_min, cfg.a_max).log())
+        nn.init.ones_(self.D)
+        nn.init.ones_(self.norm_weight)
+
+    def _project(self, u: torch.Tensor) -> torch.Tensor:
+        """[..., d_in] or [..., streams, d_in] -> [..., streams, proj_width]"""
+        if u.dim() == self.in_proj.dim():  # one input per stream
+            return torch.einsum("...si,spi->...sp", u, self.in_proj)
+        return F.linear(u, self.in_proj.flatten(0, 1)).unflatten(-1, (self.streams, self.proj_width))
+
+    def _split(self, zxbcdt: torch.Tensor):
+        hidden, state = self.cfg.hidden, self.cfg.state_dim
+        z, xbc, dt = zxbcdt.split([hidden, self.conv_width, self.cfg.heads], dim=-1)
+        return z, xbc, dt
+
+    def _scan_inputs(self, xbc: torch.Tensor, dt: torch.Tensor):
+        """Reshape per-stream [x, B, C] and dt into the scan's head/group layout."""
+        hidden, state = self.cfg.hidden, self.cfg.state_dim
+        x, B, C = xbc.split([hidden, state, state], dim=-1)
+        x = x.unflatten(-1, (self.cfg.heads, self.cfg.head_dim)).flatten(-3, -2)  # [..., S*H, p]
+        dt = F.softplus(dt.flatten(-2).float() + self.dt_bias.float())  # [..., S*H]
+        A = -torch.exp(self.A_log.float())
+        return x, dt, A, B, C
+
+    def _output(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Gated RMSNorm per stream, then out_proj: y [..., S, hidden], z [..., S, hidden] -> [..., S, d_out]"""
+        gated = y.float() * F.silu(z.float())
+        gated = gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + self.norm_eps)
+        gated = (gated * self.norm_weight.float()).type_as(z)
+        return torch.einsum("...sh,soh->...so", gated, self.out_proj)
+
+    def forward(self, u: torch.Tensor, chunk_start: torch.Tensor, return_state: bool = False):
+        b, L = u.shape[:2]
+        z, xbc, dt = self._split(self._project(u))
+        raw_xbc = xbc
+        if self.cfg.conv > 0:
+            xbc = chunked_causal_conv(xbc.flatten(-2), self.conv_weight, self.conv_bias, chunk_start)
+            xbc = xbc.unflatten(-1, (self.streams, self.conv_width))
+        x, dt, A, B, C = self._scan_inputs(xbc, dt)
+        scanned = chunk_scan(x, dt, A, B, C, chunk_start, D=self.D.float(), impl=self.cfg.impl,
+                             return_final_state=return_state)
+        y, final_state = scanned if return_state else (scanned, None)
+        out = self._output(y.reshape(b, L, self.streams, self.cfg.hidden), z)
+        if not return_state:
+            return out
+        return out, SSMState(conv=self._conv_window(raw_xbc, chunk_start), ssm=final_state)
+
+    def _conv_window(self, raw_xbc: torch.Tensor, chunk_start: torch.Tensor) -> torch.Tensor | None:
+        """The last conv-1 inputs of the chunk in progress (zeros where they precede its start)."""
+        if self.cfg.conv == 0:
+            return None
+        width = self.cfg.conv - 1
+        L = raw_xbc.shape[1]
+        window = raw_xbc.flatten(-2)[:, max(0, L - width):].transpose(1, 2).float()  # [b, c, <=width]
+        positions = torch.arange(max(0, L - width), L, device=raw_xbc.device)
+        current_start = int(chunk_start.nonzero().max())
+        window = window * (positions >= current_start).to(window.dtype)
+        return F.pad(window, (width - window.shape[-1], 0)).contiguous()
+
+    def step(self, u: torch.Tensor, state: SSMState) -> tuple[torch.Tensor, SSMState]:
+        """One token: ``u [b, d_in]`` or ``[b, streams, d_in]`` -> ``[b, streams, d_out]``."""
+        b = u.shape[0]
+        z, xbc, dt = self._split(self._project(u))
+        conv = state.conv
+        if self.cfg.conv > 0:
+            flat, conv = conv_step(state.conv, xbc.flatten(-2).float(), self.conv_weight.float(),
+                                   self.conv_bias.float())
+            xbc = flat.type_as(xbc).unflatten(-1, (self.streams, self.conv_width))
+        x, dt, A, B, C = self._scan_inputs(xbc, dt)
+        y, ssm = ssm_step(state.ssm, x.float(), dt, A, B.float(), C.float(), D=self.D.float())
+        out = self._output(y.type_as(z).reshape(b, self.streams, self.cfg.hidden), z)
+        return out, SSMState(conv=conv, ssm=ssm)
+
+    def empty_state(self, batch: int, device: torch.device) -> SSMState:
+        cfg = self.cfg
+        conv = (torch.zeros(batch, self.streams * self.conv_width, cfg.conv - 1, device=device)
+                if cfg.conv > 0 else None)
+        ssm = torch.zeros(batch, self.streams * cfg.heads, cfg.head_dim, cfg.state_dim, device=device)
+        return SSMState(conv=conv, ssm=ssm)
+
+
+class Mamba2Mixer(nn.Module):
+    """The pure-SSM LM's mixer: one stream, state reset only at the start of the sequence."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ssm = SSMBlock(config.ssm, config.dim, config.dim, streams=1, norm_eps=config.norm_eps)
+
+    def reset_parameters(self, std: float, depth_factor: float) -> None:
+        self.ssm.reset_parameters(std, depth_factor)
+
+    @staticmethod
+    def _starts(length: int, device: torch.device) -> torch.Tensor:
+        starts = torch.zeros(length, dtype=torch.bool, device=device)
+        starts[0] = True
+        return starts
+
+    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
+        return self.ssm(x, self._starts(x.shape[1], x.device)).squeeze(-2)
+
+    def prefill(self, x: torch.Tensor, rope=None) -> tuple[torch.Tensor, SSMState]:
+        out, state = self.ssm(x, self._starts(x.shape[1], x.device), return_state=True)
+        return out.squeeze(-2), state
+
+    def step(self, x: torch.Tensor, rope, position: int, state: SSMState) -> tuple[torch.Tensor, SSMState]:
+        out, state = self.ssm.step(x[:, 0], state)  # [b, streams=1, d] doubles as [b, L=1, d]
+        return out, state

@@ -1,0 +1,266 @@
+"""Attention kernels: Attamba's chunk mask, full causal and sliding-window attention.
+
+Layout everywhere: ``q`` is ``[b, h, L, d]`` and ``k``/``v`` are ``[b, h_kv, L, d]``
+with ``h % h_kv == 0`` (GQA), RoPE already applied; outputs are ``[b, h, L, d]``
+in ``q``'s dtype; the softmax scale is ``1/sqrt(d)``.
+
+Attamba's mask: query t sees key s iff ``(s < t and boundary[s])`` or
+``t - lead <= s <= t``. Two implementations, picked by ``impl``
+(``model.attn_impl``):
+
+* ``reference``: SDPA with the dense ``[L, L]`` mask. Runs anywhere; the oracle.
+* ``flex``: never builds an ``L x L`` mask. The boundary keys/values are gathered
+  once and put in front of all keys, ``[k_boundary | k]``, and a FlexAttention
+  block mask lets query t see gathered key j iff ``pos[j] < t - lead`` and raw
+  key s iff ``t - lead <= s <= t``. The gathered part is causal-like over
+  ``L/P`` keys and the raw part a narrow band, so almost every block is skipped.
+  Fast and differentiable on CUDA; on CPU FlexAttention runs forward only.
+* ``auto``: ``flex`` on CUDA, ``reference`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.utils.weak import WeakIdKeyDictionary
+
+from attamba.config import ATTN_IMPLS
+
+# FlexAttention's sparse block size. The gathered keys are padded to a multiple
+# of it so the raw keys start on a block edge and the KV length varies little
+# between layers (fewer recompilations).
+_FLEX_BLOCK = 128
+
+# Enough compiled variants for every (sequence length, KV length, mask) a model
+# and a benchmark sweep meet; the default (8) silently falls back to eager.
+_RECOMPILE_LIMIT = 64
+
+
+# ---------------------------------------------------------------------------
+# Dense masks (the definitions)
+
+
+def boundary_mask(boundary: torch.Tensor, leading_tokens: int) -> torch.Tensor:
+    """Bool ``[L, L]`` (query, key): Attamba's mask for a ``[L]`` boundary layout."""
+    _check_leading_tokens(leading_tokens)
+    positions = torch.arange(boundary.shape[0], device=boundary.device)
+    query, key = positions[:, None], positions[None, :]
+    past_boundary = boundary[None, :] & (key < query)
+    leading = (key <= query) & (key >= query - leading_tokens)
+    return past_boundary | leading
+
+
+def sliding_window_mask(length: int, window: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Bool ``[L, L]`` (query, key): query t sees the ``window`` keys ``t - window + 1 .. t``."""
+    _check_window(window)
+    positions = torch.arange(length, device=device)
+    query, key = positions[:, None], positions[None, :]
+    return (key <= query) & (key > query - window)
+
+
+# ---------------------------------------------------------------------------
+# Public entry points
+
+
+def chunk_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    boundary: torch.Tensor,
+    leading_tokens: int,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Attamba attention: each query sees past boundary keys and its ``leading_tokens`` predecessors.
+
+    ``boundary`` is a bool ``[L]`` layout shared by the batch (any device).
+    ``impl``: ``"reference"`` = SDPA with the dense mask (CPU/CUDA, the oracle);
+    ``"flex"`` = FlexAttention over ``[gathered boundary keys | all keys]``, no
+    ``L x L`` mask (CUDA; forward-only on CPU); ``"auto"`` = flex on CUDA, else reference.
+    """
+    _check_qkv(q, k, v)
+    _check_leading_tokens(leading_tokens)
+    if boundary.shape != (q.shape[2],) or boundary.dtype != torch.bool:
+        raise ValueError(f"boundary: expected a bool tensor of shape ({q.shape[2]},) (the sequence length), "
+                         f"got {boundary.dtype} {tuple(boundary.shape)}")
+    if _resolve_impl(impl, q.device) == "flex":
+        return _chunk_flex(q, k, v, boundary, leading_tokens)
+    mask = boundary_mask(boundary.to(q.device), leading_tokens)
+    return _sdpa(q, k, v, attn_mask=mask)
+
+
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Full causal attention (``window=None``) or a sliding window of ``window`` keys (itself included).
+
+    Full causal, or a window covering the whole sequence, always runs SDPA with
+    ``is_causal=True`` (flash attention on CUDA). A narrower window runs
+    FlexAttention under ``impl="flex"`` (``"auto"`` on CUDA) and SDPA with a
+    dense window mask under ``"reference"`` (``"auto"`` elsewhere).
+    """
+    _check_qkv(q, k, v)
+    resolved = _resolve_impl(impl, q.device)
+    length = q.shape[2]
+    if window is None or window >= length:
+        return _sdpa(q, k, v, is_causal=True)
+    _check_window(window)
+    if resolved == "flex":
+        block_mask = _window_block_mask(length, window, q.device)
+        return _flex(q, k, v, block_mask)
+    return _sdpa(q, k, v, attn_mask=sliding_window_mask(length, window, q.device))
+
+
+# ---------------------------------------------------------------------------
+# Input checks
+
+
+def _resolve_impl(impl: str, device: torch.device) -> str:
+    """``"reference"`` or ``"flex"`` for ``impl`` on ``device``."""
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"model.attn_impl: got {impl!r}, allowed values are {', '.join(ATTN_IMPLS)}")
+    if impl == "auto":
+        return "flex" if device.type == "cuda" else "reference"
+    return impl
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"q, k, v: expected [b, h, L, d] with k and v alike, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    b, h, length, d = q.shape
+    b_kv, h_kv, length_kv, d_kv = k.shape
+    if (b_kv, length_kv, d_kv) != (b, length, d) or h % h_kv != 0:
+        raise ValueError(f"k, v: expected [{b}, h_kv, {length}, {d}] with h_kv dividing {h} query heads, "
+                         f"got {tuple(k.shape)}")
+
+
+def _check_leading_tokens(leading_tokens: int) -> None:
+    if not isinstance(leading_tokens, int) or leading_tokens < 0:
+        raise ValueError(f"chunking.leading_tokens: must be an integer >= 0, got {leading_tokens!r}")
+
+
+def _check_window(window: int) -> None:
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"model.window: must be an integer >= 1, got {window!r}")
+
+
+# ---------------------------------------------------------------------------
+# Kernels
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **mask) -> torch.Tensor:
+    """PyTorch SDPA, sharing k/v heads across query groups without repeating them."""
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1], **mask)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    """``torch.compile``'d ``flex_attention``: the fused kernel (eager flex builds full score matrices)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.cache
+def _compiled_create_block_mask():
+    """``torch.compile``'d ``create_block_mask``: eager evaluates the mask densely, ``L x KV`` bools."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
+    return torch.compile(create_block_mask, dynamic=False)
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
+    # On CPU flex is forward-only and compiling it costs tens of seconds for no
+    # speed-up over the reference; eager there serves to check layouts.
+    attend = _compiled_flex_attention() if q.is_cuda else flex_attention
+    return attend(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _block_mask(mask_mod, q_len: int, kv_len: int, device: torch.device) -> BlockMask:
+    """A batch- and head-broadcast block mask, built without a dense mask on CUDA."""
+    build = _compiled_create_block_mask() if device.type == "cuda" else create_block_mask
+    return build(mask_mod, None, None, q_len, kv_len, device=device, BLOCK_SIZE=_FLEX_BLOCK)
+
+
+# ---------------------------------------------------------------------------
+# Sliding window through FlexAttention
+
+
+@functools.lru_cache(maxsize=32)
+def _window_block_mask(length: int, window: int, device: torch.device) -> BlockMask:
+    def in_window(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+
+    return _block_mask(in_window, length, length, device)
+
+
+# ---------------------------------------------------------------------------
+# Chunk attention through FlexAttention
+
+
+@dataclass(frozen=True)
+class _ChunkLayout:
+    """What the flex path needs for one (boundary layout, lead, device)."""
+
+    key_index: torch.Tensor  # [n_pad + L] long: source token of every key in [gathered | raw]
+    block_mask: BlockMask
+
+
+# Layer layouts are passed as the same tensor every step: remembering them by
+# identity (and version, in case one is edited in place) spares the host sync
+# that reading a CUDA tensor's contents costs.
+_LAYOUT_BY_TENSOR: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _chunk_flex(q, k, v, boundary: torch.Tensor, leading_tokens: int) -> torch.Tensor:
+    layout = _chunk_layout(boundary, leading_tokens, q.device)
+    # One gather builds [gathered boundary keys | all keys]; its backward
+    # scatter-adds into k and v, so boundary tokens get both gradients.
+    keys = k.index_select(2, layout.key_index)
+    values = v.index_select(2, layout.key_index)
+    return _flex(q, keys, values, layout.block_mask)
+
+
+def _chunk_layout(boundary: torch.Tensor, leading_tokens: int, device: torch.device) -> _ChunkLayout:
+    """The cached flex layout of ``boundary``: by tensor identity first, else by contents."""
+    remembered = _LAYOUT_BY_TENSOR.get(boundary)
+    tag = (boundary._version, leading_tokens, device)
+    if remembered is not None and remembered[0] == tag:
+        return remembered[1]
+    contents = boundary.detach().to("cpu", torch.bool).numpy().tobytes()
+    layout = _build_chunk_layout(contents, leading_tokens, device)
+    _LAYOUT_BY_TENSOR[boundary] = (tag, layout)
+    return layout
+
+
+@functools.lru_cache(maxsize=128)
+def _build_chunk_layout(contents: bytes, leading_tokens: int, device: torch.device) -> _ChunkLayout:
+    """Gather index and block mask for the layout whose bool bytes are ``contents``."""
+    boundary = torch.frombuffer(bytearray(contents), dtype=torch.bool)
+    length = boundary.shape[0]
+    boundaries = boundary.nonzero().flatten()
+    n_pad = -(-boundaries.numel() // _FLEX_BLOCK) * _FLEX_BLOCK
+    padding = n_pad - boundaries.numel()
+    raw = torch.arange(length)
+    # Padding keys copy token 0 and sit at position `length`: no query comes
+    # after it, so they are never seen (and get no gradient).
+    key_index = torch.cat([boundaries, boundaries.new_zeros(padding), raw]).to(device)
+    key_pos = torch.cat([boundaries, boundaries.new_full((padding,), length), raw]).to(device)
+    gathered = (torch.arange(n_pad + length) < n_pad).to(device)
+    lead = leading_tokens
+
+    def chunk_mask(b, h, q_idx, kv_idx):
+        pos = key_pos[kv_idx]
+        # A boundary inside the leading band is seen there, as a raw key.
+        before_band = pos < q_idx - lead
+        in_band = (pos >= q_idx - lead) & (pos <= q_idx)
+        return torch.where(gathered[kv_idx], before_band, in_band)
+
+    return _ChunkLayout(key_index, _block_mask(chunk_mask, length, n_pad + length, device))

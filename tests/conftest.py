@@ -1,0 +1,27 @@
+"""Shared test fixtures: deterministic torch, paths to ../shared data when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ATTAMBA_SHARED", REPO_ROOT.parent / "shared"))
+WIKITEXT2_TEST = SHARED / "data" / "wikitext-2" / "wiki.test.raw"
+PAPER_RUNS = SHARED / "data" / "attamba-paper-runs.tar.gz"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    torch.manual_seed(0)
+    yield
+
+
+def require_shared(path: Path) -> Path:
+    """Skip (saying why) when the shared data that CI has is absent from this clone."""
+    if not path.exists():
+        pytest.skip(f"{path} not found: this test needs the project's shared data next to the clone")
+    return path

@@ -1,0 +1,132 @@
+"""The three families end to end on CPU: causality, decoding == forward, cache growth."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import attamba
+from attamba import Generator, build_model
+from attamba.config import ChunkingConfig, Config, ModelConfig, SSMConfig
+
+STRATEGIES = ["uniform", "cyclic", "random", "pseudo"]
+
+
+def tiny(family: str, **model) -> ModelConfig:
+    ssm = SSMConfig(state_dim=8, hidden=32, heads=4, conv=model.pop("conv", 4))
+    return ModelConfig(family=family, vocab_size=97, dim=32, n_layers=3, n_heads=4, ssm=ssm, **model)
+
+
+def model_of(family: str, strategy: str = "cyclic", size: int = 4, lead: int = 2, **model):
+    torch.manual_seed(0)
+    net = build_model(tiny(family, **model), ChunkingConfig(strategy=strategy, size=size, leading_tokens=lead))
+    return net.eval()
+
+
+CASES = (
+    [("attamba", dict(strategy=s)) for s in STRATEGIES]
+    + [("attamba", dict(lead=0)), ("attamba", dict(size=1)), ("attamba", dict(kv_residual=False)),
+       ("attamba", dict(kv_proj=True)), ("attamba", dict(conv=0)), ("attamba", dict(size=5, lead=3))]
+    + [("transformer", {}), ("transformer", dict(n_kv_heads=2)), ("transformer", dict(attn_dim=16)),
+       ("transformer", dict(window=5)), ("mamba2", {})]
+)
+IDS = [f"{family}-{'-'.join(f'{k}={v}' for k, v in kw.items()) or 'default'}" for family, kw in CASES]
+
+
+@pytest.mark.parametrize("family,kwargs", CASES, ids=IDS)
+def test_changing_token_t_never_changes_earlier_logits(family, kwargs):
+    model = model_of(family, **kwargs)
+    tokens = torch.randint(0, 97, (2, 23))
+    base = model(tokens)
+    assert base.shape == (2, 23, 97)
+    for t in (0, 6, 11, 22):
+        changed = tokens.clone()
+        changed[:, t] = (changed[:, t] + 1) % 97
+        out = model(changed)
+        torch.testing.assert_close(out[:, :t], base[:, :t], rtol=0, atol=1e-6)
+        assert not torch.allclose(out[:, t:], base[:, t:])
+
+
+@pytest.mark.parametrize("family,kwargs", CASES, ids=IDS)
+@pytest.mark.parametrize("prompt", [1, 4, 7, 8, 9])
+def test_prefill_then_step_equals_full_forward(family, kwargs, prompt):
+    model = model_of(family, **kwargs)
+    tokens = torch.randint(0, 97, (2, 21))
+    full = model(tokens)
+    gen = Generator(model)
+    decoded = [gen.prefill(tokens[:, :prompt])]
+    for t in range(prompt, tokens.shape[1]):
+        decoded.append(gen.step(tokens[:, t:t + 1]))
+    assert (torch.cat(decoded, 1) - full).abs().max() <= 1e-4
+
+
+def cache_sizes(model, lengths):
+    gen = Generator(model)
+    tokens = torch.randint(0, 97, (1, max(lengths)))
+    gen.prefill(tokens[:, :1])
+    sizes = {1: gen.cache_bytes()}
+    for t in range(1, max(lengths)):
+        gen.step(tokens[:, t:t + 1])
+        sizes[t + 1] = gen.cache_bytes()
+    return [sizes[n] for n in lengths]
+
+
+def test_attamba_cache_grows_like_l_over_p_plus_leading_tokens():
+    size, lead, dim, layers = 4, 2, 32, 3
+    model = model_of("attamba", strategy="uniform", size=size, lead=lead)
+    a, b = cache_sizes(model, [40, 80])
+    per_key = 2 * dim * 4 * layers  # K and V, fp32, all layers
+    # 40 more tokens add 10 boundaries per layer; the ring and SSM state are constant
+    assert b - a == (40 // size) * per_key
+    state = a - (40 // size + lead) * per_key
+    assert 0 < state < 40 * per_key / 4
+
+
+def test_transformer_cache_grows_like_l_and_window_caps_it():
+    full = model_of("transformer")
+    a, b = cache_sizes(full, [30, 60])
+    per_key = 2 * 32 * 4 * 3
+    assert (a, b) == (30 * per_key, 60 * per_key)
+    windowed = model_of("transformer", window=5)
+    assert cache_sizes(windowed, [3, 30, 60]) == [3 * per_key, 4 * per_key, 4 * per_key]
+
+
+def test_mamba2_cache_is_constant():
+    a, b = cache_sizes(model_of("mamba2"), [10, 50])
+    assert a == b > 0
+
+
+def test_public_api_composes_conf_and_builds():
+    config = attamba.load_config(["model.dim=64", "model.n_layers=2", "model.vocab_size=50",
+                                  "chunking=uniform", "chunking.size=4", "model.ssm.hidden=64"])
+    assert isinstance(config, Config) and config.chunking.strategy == "uniform"
+    model = build_model(config)
+    assert model(torch.randint(0, 50, (1, 9))).shape == (1, 9, 50)
+    for family in ("transformer", "mamba2"):
+        assert attamba.load_config([f"model={family}"]).model.family == family
+
+
+@pytest.mark.parametrize("override,setting", [
+    (["chunking.size=0"], "chunking.size"),
+    (["chunking.leading_tokens=-1"], "chunking.leading_tokens"),
+    (["model.n_heads=7"], "model.n_heads"),
+    (["model=transformer", "model.attn_dim=100"], "model.attn_dim"),
+    (["chunking.strategy=diagonal"], "chunking.strategy"),
+    (["model.family=rnn"], "model.family"),
+    (["model.ssm.impl=cuda"], "model.ssm.impl"),
+    (["train.seq_len=4", "chunking.size=8"], "train.seq_len"),
+])
+def test_bad_settings_raise_value_error_naming_the_setting(override, setting):
+    with pytest.raises(ValueError, match=setting):
+        attamba.load_config(override)
+
+
+def test_init_follows_the_paper():
+    model = model_of("attamba")
+    ssm = model.layers[0].mixer.kv_ssm
+    a = torch.exp(ssm.A_log)
+    assert a.min() >= 0.01 and a.max() <= 2.0  # A_log = log U(0.01, 2)
+    std = 32 ** -0.5
+    assert model.tok_embeddings.weight.abs().max() <= 3 * std + 1e-6  # truncated at 3 std
+    deep, shallow = model.layers[2].mixer.wo.weight.std(), model.layers[0].mixer.wo.weight.std()
+    assert deep < shallow  # depth-scaled output projections
