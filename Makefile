@@ -35,3 +35,7 @@ demo: install ## train a small real sweep on the embedded corpus, log to MLflow 
 
 clean: ## remove the virtual environment and everything under runs/
 	rm -rf $(VENV) runs/*
+
+gpu-wheel: install ## build mamba-ssm's pure-Python wheel (Triton kernels, no CUDA build) into wheels/
+	MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE \
+	CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE $(PIP) wheel --no-deps --no-build-isolation -w wheels mamba-ssm==2.3.2.post1

@@ -204,7 +204,11 @@ def _batches(windows: list[Window], batch_size: int) -> list[list[Window]]:
 
 
 def _collate(batch: list[Window], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded inputs, targets aligned with input positions, and the mask of scored positions."""
+    """Right-padded inputs, targets aligned with input positions, and the mask of scored positions.
+
+    Padding goes after each window, where a causal model cannot see it; its
+    id only has to be a valid embedding index, since its positions are masked.
+    """
     length = max(len(inputs) for inputs, _ in batch)
     inputs = torch.full((len(batch), length), pad_id, dtype=torch.long)
     targets = torch.zeros((len(batch), length), dtype=torch.long)

@@ -48,7 +48,7 @@ def test_changing_token_t_never_changes_earlier_logits(family, kwargs):
 
 
 @pytest.mark.parametrize("family,kwargs", CASES, ids=IDS)
-@pytest.mark.parametrize("prompt", [1, 4, 7, 8, 9])
+@pytest.mark.parametrize("prompt", [1, 7, 8, 9])
 def test_prefill_then_step_equals_full_forward(family, kwargs, prompt):
     model = model_of(family, **kwargs)
     tokens = torch.randint(0, 97, (2, 21))
@@ -78,8 +78,10 @@ def test_attamba_cache_grows_like_l_over_p_plus_leading_tokens():
     per_key = 2 * dim * 4 * layers  # K and V, fp32, all layers
     # 40 more tokens add 10 boundaries per layer; the ring and SSM state are constant
     assert b - a == (40 // size) * per_key
-    state = a - (40 // size + lead) * per_key
-    assert 0 < state < 40 * per_key / 4
+    # at 40 tokens: boundaries 0, 3, 7, ..., 39 (11) + a ring of 2; the running state of K and V:
+    ssm_state = 2 * 4 * 8 * 8  # streams × heads × head_dim × state
+    conv_state = 2 * (32 + 2 * 8) * 3  # streams × [x, B, C] channels × (conv - 1)
+    assert a == (11 + lead) * per_key + layers * 4 * (ssm_state + conv_state)
 
 
 def test_transformer_cache_grows_like_l_and_window_caps_it():

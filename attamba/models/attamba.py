@@ -74,7 +74,8 @@ class AttambaAttention(nn.Module):
         self.wq = nn.Linear(config.dim, config.dim, bias=False)
         self.wo = nn.Linear(config.dim, config.dim, bias=False)
         self.kv_proj = nn.Linear(config.dim, 2 * config.dim, bias=False) if config.kv_proj else None
-        self.kv_ssm = SSMBlock(config.ssm, config.dim, config.dim, streams=2, norm_eps=config.norm_eps)
+        self.kv_ssm = SSMBlock(config.ssm, config.dim, config.dim, streams=2, per_stream_input=config.kv_proj,
+                               norm_eps=config.norm_eps)
 
     def reset_parameters(self, std: float, depth_factor: float) -> None:
         truncated_normal_(self.wq.weight, std)

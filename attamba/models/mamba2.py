@@ -39,10 +39,12 @@ class SSMBlock(nn.Module):
     RMSNorm(y * silu(z)); out_proj. Input ``[b, L, d_in]`` (shared by all streams) or
     ``[b, L, streams, d_in]`` (one input per stream); output ``[b, L, streams, d_out]``."""
 
-    def __init__(self, ssm: SSMConfig, d_in: int, d_out: int, streams: int = 1, norm_eps: float = 1e-5):
+    def __init__(self, ssm: SSMConfig, d_in: int, d_out: int, streams: int = 1, per_stream_input: bool = False,
+                 norm_eps: float = 1e-5):
         super().__init__()
         self.cfg = ssm
         self.streams = streams
+        self.per_stream_input = per_stream_input
         self.norm_eps = norm_eps
         hidden, state, heads = ssm.hidden, ssm.state_dim, ssm.heads
         self.proj_width = 2 * hidden + 2 * state + heads  # [z, x, B, C, dt]
@@ -75,7 +77,7 @@ class SSMBlock(nn.Module):
 
     def _project(self, u: torch.Tensor) -> torch.Tensor:
         """[..., d_in] or [..., streams, d_in] -> [..., streams, proj_width]"""
-        if u.dim() == self.in_proj.dim():  # one input per stream
+        if self.per_stream_input:
             return torch.einsum("...si,spi->...sp", u, self.in_proj)
         return F.linear(u, self.in_proj.flatten(0, 1)).unflatten(-1, (self.streams, self.proj_width))
 

@@ -1,0 +1,74 @@
+"""Process-group setup from whatever launched us: torchrun, SLURM tasks, or a plain single process."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def detect() -> DistInfo:
+    """Rank layout from torchrun's variables, else SLURM's (one task per GPU), else a single process."""
+    env = os.environ
+    if "WORLD_SIZE" in env and "RANK" in env:
+        return DistInfo(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]))
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        return DistInfo(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]))
+    return DistInfo()
+
+
+def init(info: DistInfo, device: torch.device) -> None:
+    """Join the process group (NCCL on GPUs, gloo on CPU); rendezvous from env or the SLURM node list."""
+    if not info.enabled or dist.is_initialized():
+        return
+    env = os.environ
+    if "MASTER_ADDR" not in env:
+        # SLURM tasks of one job: the first node hosts the store (single-node jobs use loopback)
+        env["MASTER_ADDR"] = "127.0.0.1"
+        env["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    env.setdefault("MASTER_PORT", "29500")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=info.rank, world_size=info.world_size)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled and dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.AVG)
+    return value
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's ``obj``, in rank order (a one-element list without a process group)."""
+    if not (info.enabled and dist.is_initialized()):
+        return [obj]
+    gathered = [None] * info.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

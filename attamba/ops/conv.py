@@ -1,0 +1,76 @@
+"""Depthwise causal convolution + SiLU whose window resets at every chunk start.
+
+Mamba's short conv over ``[x, B, C]``: ``out_t = silu(bias + Σ_k weight[:, w-1-k] * x_{t-k})``,
+where taps that would reach before the current chunk's first token read zeros instead, so no
+information crosses a chunk boundary. The width is at most 4, so the conv is written as ``w``
+shifted multiply-adds: plain tensor ops that run anywhere and fuse under torch.compile.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def chunked_causal_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], chunk_start: Tensor) -> Tensor:
+    """Depthwise causal conv + SiLU whose window never reaches before the current chunk's start.
+
+    x [b, L, c]; weight [c, w] (w in 2..4, weight[:, -1] multiplies the current token, like
+    nn.Conv1d with padding w-1 and `groups=c`, as in Mamba); bias [c] or None;
+    chunk_start bool [L]. Returns silu(conv) [b, L, c] in x's dtype (accumulated in fp32).
+    """
+    _check_conv_inputs(x, weight, bias)
+    length, width = x.shape[1], weight.shape[1]
+    if chunk_start.shape != (length,) or chunk_start.dtype != torch.bool:
+        raise ValueError(f"chunked_causal_conv: chunk_start must be a bool tensor of shape ({length},), "
+                         f"got {chunk_start.dtype} {tuple(chunk_start.shape)}")
+    offset = _offset_in_chunk(chunk_start.to(x.device))  # [L]
+    with torch.autocast(x.device.type, enabled=False):
+        xf, wf = x.float(), weight.float()
+        padded = F.pad(xf, (0, 0, width - 1, 0))  # w-1 zeros in front: padded[:, t + w-1] = x_t
+        out = torch.zeros_like(xf) if bias is None else bias.float().expand_as(xf).clone()
+        for lag in range(width):
+            # Tap `lag` reads x_{t-lag}, which belongs to the current chunk iff lag <= offset_t.
+            tap = padded[:, width - 1 - lag: width - 1 - lag + length] * wf[:, width - 1 - lag]
+            out = out + tap * (lag <= offset)[None, :, None]
+        return F.silu(out).to(x.dtype)
+
+
+def conv_step(conv_state: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """One decoding step of `chunked_causal_conv`.
+
+    conv_state [b, c, w-1]: the previous w-1 inputs of the current chunk (zeros where they
+    would be before the chunk start); x [b, c]. Returns (silu(out) [b, c] in x's dtype,
+    new_conv_state [b, c, w-1] in conv_state's dtype).
+    """
+    if conv_state.shape != (*x.shape, weight.shape[1] - 1):
+        raise ValueError(f"conv_step: conv_state must have shape {(*x.shape, weight.shape[1] - 1)}, "
+                         f"got {tuple(conv_state.shape)}")
+    window = torch.cat([conv_state, x[..., None].to(conv_state.dtype)], dim=-1)  # [b, c, w]
+    with torch.autocast(x.device.type, enabled=False):
+        out = (window.float() * weight.float()).sum(dim=-1)
+        if bias is not None:
+            out = out + bias.float()
+        y = F.silu(out).to(x.dtype)
+    return y, window[..., 1:]
+
+
+def _offset_in_chunk(chunk_start: Tensor) -> Tensor:
+    """Position of every token inside its chunk (token 0 always starts one), without a host sync."""
+    token = torch.arange(chunk_start.numel(), device=chunk_start.device)
+    first = torch.where(chunk_start, token, torch.zeros_like(token)).cummax(dim=0).values
+    return token - first
+
+
+def _check_conv_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"chunked_causal_conv: x must be [b, L, c], got shape {tuple(x.shape)}")
+    channels = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[0] != channels or not 2 <= weight.shape[1] <= 4:
+        raise ValueError(f"chunked_causal_conv: weight must be [c={channels}, w] with w in 2..4 "
+                         f"(model.ssm.conv), got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (channels,):
+        raise ValueError(f"chunked_causal_conv: bias must have shape ({channels},), got {tuple(bias.shape)}")

@@ -1,0 +1,383 @@
+"""Mamba-2 (SSD) selective scan whose state resets at every chunk start.
+
+Recurrence, per head (state ``[p, n]``)::
+
+    state_t = exp(dt_t * A) * state_{t-1} + dt_t * x_t ⊗ B_t     (state_{t-1} := 0 at a chunk start)
+    y_t     = state_t · C_t + D * x_t
+
+Unrolled inside one chunk this is a decay-masked attention,
+``y_t = Σ_{s<=t} exp(Σ_{s<k<=t} dt_k A) (C_t·B_s) dt_s x_s``, which every fast path evaluates
+in blocks. ``chunk_scan(impl=...)`` picks one of:
+
+* ``reference``  the step-by-step recurrence in fp32 (the oracle; any layout, slow).
+* ``blockdiag``  short chunks: tokens scattered into a padded ``[chunks, longest chunk]`` grid,
+                 one decay-masked matmul per chunk, no scan (static shapes, torch.compile-friendly).
+* ``ssd``        any layout: Mamba-2's chunked SSD over fixed blocks, with masks for the resets.
+* ``triton``     mamba_ssm's fused Triton kernels with ``seq_idx`` resets (CUDA only).
+
+Shapes: x ``[b, L, h, p]``, dt ``[b, L, h]``, A ``[h]``, B and C ``[b, L, g, n]`` (head ``i`` reads
+group ``i // (h // g)``), D ``[h]``, chunk_start bool ``[L]``, state ``[b, h, p, n]``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import sys
+import types
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IMPLS = ("auto", "reference", "blockdiag", "ssd", "triton")
+BLOCKDIAG_MAX_CHUNK = 64  # longest chunk `auto` sends to the block-diagonal path
+SSD_BLOCK = 64  # internal block length of the plain-PyTorch SSD
+TRITON_BLOCK = 64  # chunk_size handed to mamba_ssm's kernels
+
+ScanResult = tuple[Tensor, Optional[Tensor]]
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def chunk_scan(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_start: Tensor,
+    D: Optional[Tensor] = None,
+    impl: str = "auto",
+    return_final_state: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Mamba-2 (SSD) selective scan with the state reset at every chunk start.
+
+    x: [b, L, h, p]; dt: [b, L, h] (already positive: softplus applied by caller);
+    A: [h] (negative reals); B, C: [b, L, g, n] with h % g == 0 (head i uses group i // (h//g));
+    D: [h] or None (skip: y += D * x); chunk_start: bool [L] (token 0 always starts a chunk).
+    Returns y [b, L, h, p] in x's dtype, or (y, final_state [b, h, p, n], fp32) if
+    return_final_state: the state after token L-1, accumulated since the last chunk start.
+    Everything is computed in fp32 (autocast is switched off inside); the triton path feeds
+    x, B, C to the kernels in their own dtype, which accumulate in fp32.
+    """
+    _check_scan_inputs(x, dt, A, B, C, chunk_start, D)
+    chosen = select_impl(x.device, chunk_start, impl)
+    chunk_start = chunk_start.to(x.device)
+    with torch.autocast(x.device.type, enabled=False):
+        if chosen == "triton":
+            y, state = _triton_scan(x, dt, A, B, C, chunk_start, return_final_state)
+        else:
+            scan = _TORCH_SCANS[chosen]
+            y, state = scan(x.float(), dt.float(), A.float(), B.float(), C.float(), chunk_start,
+                            return_final_state)
+        if D is not None:
+            y = y.float() + D.float()[:, None] * x.float()
+    y = y.to(x.dtype)
+    return (y, state) if return_final_state else y
+
+
+def ssm_step(
+    state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
+    """One decoding step of the same recurrence (no reset: the caller zeroes `state` at a chunk start).
+
+    state [b, h, p, n] fp32; x [b, h, p]; dt [b, h]; A [h]; B, C [b, g, n]; D [h] or None.
+    Returns (y [b, h, p] in x's dtype, new_state [b, h, p, n] fp32).
+    """
+    heads_per_group = x.shape[1] // B.shape[1]
+    with torch.autocast(x.device.type, enabled=False):
+        xf, dtf = x.float(), dt.float()
+        Bh = B.float().repeat_interleave(heads_per_group, dim=1)  # [b, h, n]
+        Ch = C.float().repeat_interleave(heads_per_group, dim=1)
+        decay = torch.exp(dtf * A.float())[..., None, None]  # [b, h, 1, 1]
+        new_state = decay * state.float() + (dtf[..., None] * xf)[..., None] * Bh[:, :, None, :]
+        y = torch.einsum("bhpn,bhn->bhp", new_state, Ch)
+        if D is not None:
+            y = y + D.float()[:, None] * xf
+    return y.to(x.dtype), new_state
+
+
+def select_impl(
+    device: torch.device | str, chunk_start: Tensor, impl: str = "auto", *, triton: Optional[bool] = None
+) -> str:
+    """The scan implementation `chunk_scan` runs for this device, layout and requested `impl`.
+
+    `auto` picks mamba_ssm's Triton kernels on CUDA for long chunks (> BLOCKDIAG_MAX_CHUNK) or
+    when nothing resets after token 0 (a pure SSM LM), else `blockdiag` when every chunk is
+    short, else `ssd`. `triton` says whether the Triton kernels are usable; None detects it
+    (CUDA device and mamba_ssm importable). An explicit impl is returned as is.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"model.ssm.impl: got {impl!r}, allowed values are {', '.join(IMPLS)}")
+    if impl != "auto":
+        return impl
+    device = torch.device(device)
+    if triton is None:
+        triton = device.type == "cuda" and triton_available()
+    layout = chunk_layout(chunk_start, "cpu")  # only its sizes are needed here
+    short = layout.max_len <= BLOCKDIAG_MAX_CHUNK
+    if triton and device.type == "cuda" and (not short or not layout.resets):
+        return "triton"
+    return "blockdiag" if short else "ssd"
+
+
+def triton_available() -> bool:
+    """Whether mamba_ssm's Triton kernels can run here (a CUDA device and an importable mamba_ssm)."""
+    return torch.cuda.is_available() and _load_triton_kernel()[0] is not None
+
+
+# ----------------------------------------------------------------------------- chunk layout
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    """Where the chunks of one `chunk_start` are, as index tensors on one device.
+
+    gather [n_chunks * max_len]: the token that fills each slot of the padded
+    ``[n_chunks, max_len]`` grid (L, one past the end, marks padding: an appended zero token);
+    scatter [L]: the grid slot that holds each token.
+    """
+
+    n_chunks: int
+    max_len: int
+    resets: bool  # does any chunk start after token 0?
+    gather: Tensor
+    scatter: Tensor
+
+
+@torch.compiler.disable
+def chunk_layout(chunk_start: Tensor, device: torch.device | str) -> ChunkLayout:
+    """The (cached) layout of `chunk_start` on `device`.
+
+    Reading the layout is a host sync when chunk_start lives on the GPU; keep it on the CPU to
+    avoid that. The cache key is the layout's bytes, so equal layouts share index tensors.
+    """
+    key = chunk_start.detach().to("cpu", torch.bool).numpy().tobytes()
+    return _layout_from_bytes(key, torch.device(device))
+
+
+@functools.lru_cache(maxsize=128)
+def _layout_from_bytes(key: bytes, device: torch.device) -> ChunkLayout:
+    is_start = torch.from_numpy(np.frombuffer(key, dtype=np.bool_).copy())
+    is_start[0] = True
+    length = is_start.numel()
+    starts = is_start.nonzero().flatten()
+    lengths = torch.diff(starts, append=torch.tensor([length]))
+    n_chunks, max_len = starts.numel(), int(lengths.max())
+    token = torch.arange(length)
+    chunk = torch.cumsum(is_start, 0) - 1
+    scatter = chunk * max_len + token - starts[chunk]
+    gather = torch.full((n_chunks * max_len,), length)
+    gather[scatter] = token
+    return ChunkLayout(n_chunks, max_len, n_chunks > 1, gather.to(device), scatter.to(device))
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _reference_scan(x, dt, A, B, C, chunk_start, want_state: bool) -> ScanResult:
+    """The recurrence one token at a time: the oracle the fast paths are tested against."""
+    b, _, h, p = x.shape
+    state = x.new_zeros(b, h, p, B.shape[-1])
+    ys = []
+    for t, starts in enumerate(chunk_start.tolist()):
+        if starts:
+            state = torch.zeros_like(state)
+        y, state = ssm_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t])
+        ys.append(y)
+    return torch.stack(ys, dim=1), (state if want_state else None)
+
+
+# ----------------------------------------------------------------------------- shared block math
+# Block tensors carry heads split as [g, r] (group, head within group), so B and C broadcast
+# over r without being copied per head: xdt [b, k, T, g, r, p], log-decays [b, k, T, g, r],
+# B and C [b, k, T, g, n], where k counts blocks and T is the block length.
+
+
+def _split_heads(x: Tensor, dt: Tensor, A: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """dt-scaled inputs ``[b, L, g, r, p]`` and per-token log-decays ``dt*A`` ``[b, L, g, r]``."""
+    xdt = (x * dt[..., None]).unflatten(2, (groups, -1))
+    log_decay = (dt * A).unflatten(2, (groups, -1))
+    return xdt, log_decay
+
+
+def _segsum(v: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """``out[..., i, j] = Σ_{j<m<=i} v[..., m]``, -inf where not mask (default: where j > i).
+
+    Summed directly rather than as a difference of two cumsums, whose rounding error grows
+    with the running sum (eps * |cumsum|) instead of with the segment itself. A mask must
+    only keep pairs j <= i, so that every exponent taken of the result is <= 0.
+    """
+    m = v.shape[-1]
+    lower = torch.ones(m, m, dtype=torch.bool, device=v.device).tril()
+    sums = v[..., :, None].expand(*v.shape, m).masked_fill(~lower.tril(-1), 0.0).cumsum(dim=-2)
+    return sums.masked_fill(~(lower if mask is None else mask), float("-inf"))
+
+
+def _decay_matrix(log_decay: Tensor, mask: Tensor) -> Tensor:
+    """``W[b, k, g, r, t, s] = exp(Σ_{s<m<=t} log_decay_m)`` where mask[k or 1, t, s], else 0."""
+    return _segsum(log_decay.permute(0, 1, 3, 4, 2), mask[:, None, None]).exp()
+
+
+def _intra_block(xdt: Tensor, B: Tensor, C: Tensor, decay: Tensor) -> Tensor:
+    """``y_t = Σ_s W[t, s] (C_t·B_s) xdt_s`` within each block (the SSD quadratic form)."""
+    scores = torch.einsum("bktgn,bksgn->bkgts", C, B)[:, :, :, None] * decay
+    return torch.einsum("bkgrts,bksgrp->bktgrp", scores, xdt)
+
+
+def _block_states(xdt: Tensor, B: Tensor, decay: Tensor) -> Tensor:
+    """State ``[b, k, g, r, p, n]`` after each block's last token.
+
+    Row T-1 of the decay matrix holds each token's decay to the block end (and zeros for
+    tokens the mask cut off from the last token), so the state is ``Σ_s W[T-1, s] xdt_s ⊗ B_s``.
+    """
+    return torch.einsum("bkgrs,bksgrp,bksgn->bkgrpn", decay[..., -1, :], xdt, B)
+
+
+# ----------------------------------------------------------------------------- blockdiag
+
+
+def _blockdiag_scan(x, dt, A, B, C, chunk_start, want_state: bool) -> ScanResult:
+    """Short chunks: one decay-masked matmul per chunk of a padded [n_chunks, max_len] grid.
+
+    Padding slots hold a zero token (dt = 0: no decay, no input) after each chunk's real
+    tokens, so they change neither the outputs nor the chunk's final state.
+    """
+    b, length, h, p = x.shape
+    layout = chunk_layout(chunk_start, x.device)
+    xdt, log_decay = _split_heads(x, dt, A, B.shape[2])
+
+    def to_grid(t: Tensor) -> Tensor:  # [b, L, ...] -> [b, n_chunks, max_len, ...]
+        padded = torch.cat([t, t.new_zeros(t[:, :1].shape)], dim=1)
+        return padded.index_select(1, layout.gather).unflatten(1, (layout.n_chunks, layout.max_len))
+
+    xdt, log_decay, B, C = map(to_grid, (xdt, log_decay, B, C))
+    causal = torch.ones(layout.max_len, layout.max_len, dtype=torch.bool, device=x.device).tril()
+    decay = _decay_matrix(log_decay, causal[None])
+    y = _intra_block(xdt, B, C, decay)
+    y = y.flatten(1, 2).index_select(1, layout.scatter).reshape(b, length, h, p)
+    if not want_state:
+        return y, None
+    state = _block_states(xdt[:, -1:], B[:, -1:], decay[:, -1:])[:, 0]
+    return y, state.reshape(b, h, p, -1)
+
+
+# ----------------------------------------------------------------------------- ssd
+
+
+def _ssd_scan(x, dt, A, B, C, chunk_start, want_state: bool) -> ScanResult:
+    """Chunked SSD over fixed blocks for any layout (long chunks, or no resets at all).
+
+    Within a block: the quadratic form, masked to pairs of the same chunk. Across blocks: the
+    state at each block end (from its last chunk's tokens) is carried forward with the
+    blocks' decays and dropped once a block containing a chunk start is crossed.
+    """
+    b, length, h, p = x.shape
+    block = min(SSD_BLOCK, length)
+    n_blocks = -(-length // block)
+    pad = n_blocks * block - length
+    # Trailing padding is a zero token with dt = 0 and no chunk start: it changes nothing.
+    xdt, log_decay = _split_heads(x, dt, A, B.shape[2])
+    xdt, log_decay, B, C = (
+        F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)).unflatten(1, (n_blocks, block))
+        for t in (xdt, log_decay, B, C)
+    )
+    starts = F.pad(chunk_start, (0, pad)).view(n_blocks, block)
+    chunk_id = starts.flatten().cumsum(0).view(n_blocks, block)
+
+    causal = torch.ones(block, block, dtype=torch.bool, device=x.device).tril()
+    decay = _decay_matrix(log_decay, (chunk_id[:, :, None] == chunk_id[:, None, :]) & causal)
+    y = _intra_block(xdt, B, C, decay)
+
+    from_block_start = log_decay.cumsum(dim=2)  # [b, k, T, g, r]: log-decay since the block began
+    states = _block_states(xdt, B, decay)
+    entering, final = _carry_states(states, from_block_start[:, :, -1], starts.any(dim=1))
+    no_reset_yet = starts.cumsum(dim=1) == 0  # [k, T]
+    carried = from_block_start.exp() * no_reset_yet[None, :, :, None, None]
+    y = y + torch.einsum("bktgn,bkgrpn,bktgr->bktgrp", C, entering, carried)
+
+    y = y.flatten(1, 2)[:, :length].reshape(b, length, h, p)
+    return y, (final.reshape(b, h, p, -1) if want_state else None)
+
+
+def _carry_states(states: Tensor, block_log_decay: Tensor, block_resets: Tensor) -> tuple[Tensor, Tensor]:
+    """States entering each block and the state after the last one.
+
+    ``H_i = Σ_{j<=i} exp(Σ_{j<m<=i} d_m) [no chunk starts in blocks j+1..i] S_j`` with
+    block states S [b, k, g, r, p, n], block log-decays d [b, k, g, r], resets [k] bool.
+    """
+    resets_so_far = block_resets.cumsum(dim=0)
+    alive = (resets_so_far[:, None] == resets_so_far[None, :]).tril()  # [k(i), k(j)]
+    weight = _segsum(block_log_decay.permute(0, 2, 3, 1), alive).exp()  # [b, g, r, k, k]
+    after = torch.einsum("bgrij,bjgrpn->bigrpn", weight, states)
+    entering = torch.cat([torch.zeros_like(after[:, :1]), after[:, :-1]], dim=1)
+    return entering, after[:, -1]
+
+
+_TORCH_SCANS: dict[str, Callable[..., ScanResult]] = {
+    "reference": _reference_scan,
+    "blockdiag": _blockdiag_scan,
+    "ssd": _ssd_scan,
+}
+
+
+# ----------------------------------------------------------------------------- triton
+
+
+@functools.cache
+def _load_triton_kernel() -> tuple[Optional[Callable], str]:
+    """mamba_ssm's ``mamba_chunk_scan_combined`` (or None) and why it failed to import.
+
+    mamba_ssm's package ``__init__`` imports its CUDA extension ``selective_scan_cuda``
+    unconditionally; the Triton kernels don't need it, so an empty stand-in is registered
+    when the real extension is not installed.
+    """
+    try:
+        if "selective_scan_cuda" not in sys.modules and importlib.util.find_spec("selective_scan_cuda") is None:
+            sys.modules["selective_scan_cuda"] = types.ModuleType("selective_scan_cuda")
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception as error:  # any failure (missing package, triton, driver) means "unavailable"
+        return None, f"{type(error).__name__}: {error}"
+    return mamba_chunk_scan_combined, ""
+
+
+def _triton_scan(x, dt, A, B, C, chunk_start, want_state: bool) -> ScanResult:
+    """mamba_ssm's fused kernels; chunk resets become sequence boundaries (``seq_idx``)."""
+    if x.device.type != "cuda":
+        raise ValueError(f"model.ssm.impl='triton' needs a CUDA device, got {x.device}; "
+                         f"allowed values here are auto, reference, blockdiag, ssd")
+    kernel, reason = _load_triton_kernel()
+    if kernel is None:
+        raise RuntimeError(f"model.ssm.impl='triton' needs mamba_ssm's Triton kernels, which failed to "
+                           f"import ({reason}); install the gpu extra or use model.ssm.impl=auto")
+    seq_idx = (chunk_start.cumsum(0) - 1).to(torch.int32).expand(x.shape[0], -1).contiguous()
+    out = kernel(x.contiguous(), dt.float().contiguous(), A.float().contiguous(),
+                 B.to(x.dtype).contiguous(), C.to(x.dtype).contiguous(), chunk_size=TRITON_BLOCK,
+                 seq_idx=seq_idx, return_final_states=want_state)
+    return out if want_state else (out, None)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_scan_inputs(x, dt, A, B, C, chunk_start, D) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"chunk_scan: x must be [b, L, h, p], got shape {tuple(x.shape)}")
+    b, length, h, _ = x.shape
+    expected = {"dt": (dt, (b, length, h)), "A": (A, (h,)), "C": (C, tuple(B.shape))}
+    if D is not None:
+        expected["D"] = (D, (h,))
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"chunk_scan: {name} must have shape {shape}, got {tuple(tensor.shape)}")
+    if B.dim() != 4 or B.shape[:2] != (b, length) or h % B.shape[2] != 0:
+        raise ValueError(f"chunk_scan: B must be [b={b}, L={length}, g, n] with g dividing h={h}, "
+                         f"got {tuple(B.shape)}")
+    if chunk_start.shape != (length,) or chunk_start.dtype != torch.bool:
+        raise ValueError(f"chunk_scan: chunk_start must be a bool tensor of shape ({length},), "
+                         f"got {chunk_start.dtype} {tuple(chunk_start.shape)}")

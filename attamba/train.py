@@ -1,0 +1,70 @@
+"""``attamba-train``: the Hydra entry point (``conf/config.yaml``), single runs and ``-m`` sweeps.
+
+Turns the composed DictConfig into the typed :class:`Config`, resolves what is
+decided at compose time (iso-matched baseline widths, the output directory),
+and hands the result to :func:`attamba.trainer.train`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from attamba import CONF_DIR
+from attamba.config import Config, flatten, from_dictconfig, register_configs, to_dict
+
+
+def resolve_match(config: Config) -> Config:
+    """A baseline declared by what it matches (``model.match``) gets its ``attn_dim`` from accounting,
+    against the Attamba model with this sweep point's dims and chunking."""
+    from attamba.accounting import match_attn_dim
+
+    model = config.model
+    if model.match is None:
+        return config
+    if model.family != "transformer":
+        raise ValueError(f"model.match: only transformer baselines are matched to Attamba, not {model.family!r}")
+    reference = dataclasses.replace(model, family="attamba", attn_dim=None, n_kv_heads=None, window=None, match=None)
+    matched = match_attn_dim(reference, config.chunking, config.train.seq_len, model.match)
+    return dataclasses.replace(config, model=dataclasses.replace(model, attn_dim=matched.attn_dim))
+
+
+def resolve_output_dir(config: Config) -> Config:
+    """Default the output directory to one per configuration, so a rerun resumes instead of duplicating."""
+    from attamba.tracking import config_hash
+
+    if config.train.output_dir is not None:
+        return config
+    digest = config_hash(flatten(to_dict(config)))
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, output_dir=f"runs/checkpoints/{digest}"))
+
+
+def resolve(composed: DictConfig) -> Config:
+    """The typed, validated, fully resolved config of one run."""
+    return resolve_output_dir(resolve_match(from_dictconfig(composed)))
+
+
+register_configs()
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def _app(composed: DictConfig) -> float | None:
+    from attamba.trainer import train
+
+    try:
+        final = train(resolve(composed))
+    except ValueError as error:  # a bad setting: one clear line naming it, no traceback
+        print(f"attamba-train: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return final.get("eval/val/loss")
+
+
+def main() -> None:
+    _app()
+
+
+if __name__ == "__main__":
+    main()
