@@ -39,3 +39,9 @@ clean: ## remove the virtual environment and everything under runs/
 gpu-wheel: install ## build mamba-ssm's pure-Python wheel (Triton kernels, no CUDA build) into wheels/
 	MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE \
 	CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE $(PIP) wheel --no-deps --no-build-isolation -w wheels mamba-ssm==2.3.2.post1
+
+slurm-up: ## start the project's single-node SLURM cluster on loopback (installs Debian packages if missing)
+	bash launchers/slurm-up.sh
+
+slurm-down: ## stop exactly what slurm-up started
+	bash launchers/slurm-down.sh

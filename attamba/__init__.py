@@ -6,16 +6,21 @@ The public API for notebooks and scripts::
     config = attamba.load_config(["model=attamba", "chunking.size=16"])
     model = attamba.build_model(config)
     gen = attamba.Generator(model)
+
+``build_model`` and ``Generator`` are imported on first use, so tools that only
+need configs or tracking (sweep launchers, MLflow readers) don't pay for torch.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from attamba.config import Config
-from attamba.inference import Generator
-from attamba.models import build_model
+
+if TYPE_CHECKING:
+    from attamba.inference import Generator
+    from attamba.models import build_model
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -30,6 +35,16 @@ def load_config(overrides: Sequence[str] = ()) -> Config:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         composed = compose(config_name="config", overrides=list(overrides))
     return from_dictconfig(composed)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "build_model":
+        from attamba.models import build_model
+        return build_model
+    if name == "Generator":
+        from attamba.inference import Generator
+        return Generator
+    raise AttributeError(f"module 'attamba' has no attribute {name!r}")
 
 
 __all__ = ["Config", "Generator", "build_model", "load_config"]

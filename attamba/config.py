@@ -275,8 +275,8 @@ def from_dictconfig(composed: Any) -> Config:
     """The typed, validated :class:`Config` of a Hydra-composed DictConfig."""
     from omegaconf import OmegaConf
 
-    container = OmegaConf.to_container(composed, resolve=True, throw_on_missing=True)
-    container.pop("hydra", None)
+    run_keys = [key for key in composed if key not in ("hydra", "plan")]  # hydra/plan steer, they don't configure
+    container = OmegaConf.to_container(OmegaConf.masked_copy(composed, run_keys), resolve=True, throw_on_missing=True)
     return from_dict(container)
 
 

@@ -42,10 +42,11 @@ class Generator:
         self.position = 0
 
     @torch.inference_mode()
-    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+    def prefill(self, tokens: torch.Tensor, all_logits: bool = True) -> torch.Tensor:
+        """Logits ``[B, L, V]`` of the prompt (``[B, 1, V]`` for its last token only with ``all_logits=False``)."""
         if tokens.dim() != 2 or tokens.shape[1] == 0:
             raise ValueError(f"prefill expects tokens [batch, length >= 1], got shape {tuple(tokens.shape)}")
-        logits, self.caches = self.model.prefill(tokens)
+        logits, self.caches = self.model.prefill(tokens, all_logits=all_logits)
         self.position = tokens.shape[1]
         return logits
 
@@ -63,7 +64,7 @@ class Generator:
     def generate(self, prompt: torch.Tensor, new_tokens: int, temperature: float = 0.0,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Greedy (temperature 0) or sampled continuation: returns ``[B, new_tokens]``."""
-        logits = self.prefill(prompt)[:, -1]
+        logits = self.prefill(prompt, all_logits=False)[:, -1]
         out = []
         for _ in range(new_tokens):
             if temperature > 0:

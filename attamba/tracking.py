@@ -33,7 +33,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Callable, Iterator, Sequence, TypeVar
@@ -218,7 +218,7 @@ def _store_created(uri: str, store: Path) -> bool:
     if not store.is_file():
         return False
     try:
-        with sqlite3.connect(f"{store.as_uri()}?mode=ro", uri=True) as connection:
+        with closing(sqlite3.connect(f"{store.as_uri()}?mode=ro", uri=True)) as connection:
             return connection.execute("SELECT count(*) FROM alembic_version").fetchone()[0] > 0
     except sqlite3.Error:  # no such table yet: the file was created but never migrated
         return False

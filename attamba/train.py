@@ -14,7 +14,8 @@ import hydra
 from omegaconf import DictConfig
 
 from attamba import CONF_DIR
-from attamba.config import Config, flatten, from_dictconfig, register_configs, to_dict
+from attamba.config import (ChunkingConfig, Config, ModelConfig, SSMConfig, flatten, from_dictconfig,
+                            register_configs, to_dict)
 
 
 def resolve_match(config: Config) -> Config:
@@ -32,6 +33,22 @@ def resolve_match(config: Config) -> Config:
     return dataclasses.replace(config, model=dataclasses.replace(model, attn_dim=matched.attn_dim))
 
 
+def canonicalize(config: Config) -> Config:
+    """Reset the settings a family ignores, so equal models get equal config hashes (a grid over
+    chunk sizes trains the full transformer once, not once per size). A matched baseline keeps the
+    chunking it was matched against: that is what the analysis groups it by."""
+    model, defaults = config.model, ModelConfig()
+    if model.family == "attamba":
+        return config
+    if model.family == "transformer":
+        model = dataclasses.replace(model, ssm=SSMConfig(), kv_residual=defaults.kv_residual, kv_proj=defaults.kv_proj)
+    else:
+        model = dataclasses.replace(model, n_kv_heads=None, attn_dim=None, window=None, attn_impl=defaults.attn_impl,
+                                    kv_residual=defaults.kv_residual, kv_proj=defaults.kv_proj)
+    chunking = config.chunking if model.match is not None else ChunkingConfig()
+    return dataclasses.replace(config, model=model, chunking=chunking)
+
+
 def resolve_output_dir(config: Config) -> Config:
     """Default the output directory to one per configuration, so a rerun resumes instead of duplicating."""
     from attamba.tracking import config_hash
@@ -42,9 +59,19 @@ def resolve_output_dir(config: Config) -> Config:
     return dataclasses.replace(config, train=dataclasses.replace(config.train, output_dir=f"runs/checkpoints/{digest}"))
 
 
+def resolve_vocab(config: Config) -> Config:
+    """The model's vocabulary is the tokenizer's: the BPE's configured size, or the given file's
+    (loading it here also rejects an unloadable tokenizer before any job is submitted)."""
+    from attamba.data import load_tokenizer
+
+    data = config.data
+    vocab = data.vocab_size if data.tokenizer == "bpe" else load_tokenizer(data.tokenizer).vocab_size
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=vocab))
+
+
 def resolve(composed: DictConfig) -> Config:
     """The typed, validated, fully resolved config of one run."""
-    return resolve_output_dir(resolve_match(from_dictconfig(composed)))
+    return resolve_output_dir(canonicalize(resolve_match(resolve_vocab(from_dictconfig(composed)))))
 
 
 register_configs()

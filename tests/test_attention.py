@@ -133,7 +133,7 @@ def test_chunk_reference_matches_naive(layout, lead, kv_heads):
 
 
 @pytest.mark.parametrize("kv_heads", [4, 1])
-@pytest.mark.parametrize("window", [1, 3, 8])
+@pytest.mark.parametrize("window", [1, 3, 8, 22])
 def test_sliding_window_matches_naive(window, kv_heads):
     q, k, v = random_qkv(23, kv_heads=kv_heads)
     mask = brute_force_window_mask(23, window)

@@ -272,6 +272,13 @@ def test_finish_rejects_unknown_status(sqlite_uri: str, experiment: str):
     tracker.finish()
 
 
+def test_deleted_experiment_is_named(sqlite_uri: str, experiment: str):
+    client = MlflowClient(tracking_uri=sqlite_uri)
+    client.delete_experiment(client.create_experiment(experiment))
+    with pytest.raises(ValueError, match=f"^tracking\\.experiment: experiment '{experiment}' is deleted"):
+        RunTracker(sqlite_uri, experiment)
+
+
 def test_stray_mlflow_run_id_is_ignored(sqlite_uri: str, experiment: str, monkeypatch: pytest.MonkeyPatch):
     with RunTracker(sqlite_uri, experiment, run_name="bystander") as bystander:
         pass

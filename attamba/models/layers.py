@@ -153,14 +153,15 @@ class LanguageModel(nn.Module):
             x = block(x, rope)
         return self.output(self.norm(x))
 
-    def prefill(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[Any]]:
+    def prefill(self, tokens: torch.Tensor, all_logits: bool = True) -> tuple[torch.Tensor, list[Any]]:
+        """Logits of every prompt position (or only the last: long prompts' logits are huge) and the caches."""
         rope = self._rope(torch.arange(tokens.shape[1], device=tokens.device))
         x = self.tok_embeddings(tokens)
         caches = []
         for block in self.layers:
             x, cache = block.prefill(x, rope)
             caches.append(cache)
-        return self.output(self.norm(x)), caches
+        return self.output(self.norm(x if all_logits else x[:, -1:])), caches
 
     def step(self, tokens: torch.Tensor, position: int, caches: list[Any]) -> tuple[torch.Tensor, list[Any]]:
         """Logits for ``tokens [B, 1]`` at absolute ``position``, given the caches of all earlier ones."""

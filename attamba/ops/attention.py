@@ -11,8 +11,9 @@ Attamba's mask: query t sees key s iff ``(s < t and boundary[s])`` or
 * ``reference``: SDPA with the dense ``[L, L]`` mask. Runs anywhere; the oracle.
 * ``flex``: never builds an ``L x L`` mask. The boundary keys/values are gathered
   once and put in front of all keys, ``[k_boundary | k]``, and a FlexAttention
-  block mask lets query t see gathered key j iff ``pos[j] < t - lead`` and raw
-  key s iff ``t - lead <= s <= t``. The gathered part is causal-like over
+  block mask lets query t see gathered key j iff ``pos[j] < t - lead`` (so a
+  boundary inside the band is not counted twice) and raw key s iff
+  ``t - lead <= s <= t``. The gathered part is causal-like over
   ``L/P`` keys and the raw part a narrow band, so almost every block is skipped.
   Fast and differentiable on CUDA; on CPU FlexAttention runs forward only.
 * ``auto``: ``flex`` on CUDA, ``reference`` elsewhere.
@@ -21,7 +22,6 @@ Attamba's mask: query t sees key s iff ``(s < t and boundary[s])`` or
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -209,7 +209,7 @@ def _window_block_mask(length: int, window: int, device: torch.device) -> BlockM
 class _ChunkLayout:
     """What the flex path needs for one (boundary layout, lead, device)."""
 
-    key_index: torch.Tensor  # [n_pad + L] long: source token of every key in [gathered | raw]
+    key_index: torch.Tensor  # [n_gathered + L] long: source token of every key in [gathered | raw]
     block_mask: BlockMask
 
 
@@ -245,22 +245,22 @@ def _build_chunk_layout(contents: bytes, leading_tokens: int, device: torch.devi
     """Gather index and block mask for the layout whose bool bytes are ``contents``."""
     boundary = torch.frombuffer(bytearray(contents), dtype=torch.bool)
     length = boundary.shape[0]
+    positions = torch.arange(length)
     boundaries = boundary.nonzero().flatten()
-    n_pad = -(-boundaries.numel() // _FLEX_BLOCK) * _FLEX_BLOCK
-    padding = n_pad - boundaries.numel()
-    raw = torch.arange(length)
-    # Padding keys copy token 0 and sit at position `length`: no query comes
-    # after it, so they are never seen (and get no gradient).
-    key_index = torch.cat([boundaries, boundaries.new_zeros(padding), raw]).to(device)
-    key_pos = torch.cat([boundaries, boundaries.new_full((padding,), length), raw]).to(device)
-    gathered = (torch.arange(n_pad + length) < n_pad).to(device)
-    lead = leading_tokens
+    n_gathered = -(-boundaries.numel() // _FLEX_BLOCK) * _FLEX_BLOCK
+    # Padding keys copy token 0 and lie past every query's visible prefix, so
+    # they are never seen (and get no gradient).
+    padding = boundaries.new_zeros(n_gathered - boundaries.numel())
+    key_index = torch.cat([boundaries, padding, positions]).to(device)
+    # Boundaries are sorted, so the gathered keys query t sees (those before
+    # t - lead) are a prefix of them: its length is all the mask needs.
+    n_visible = torch.searchsorted(boundaries, positions - leading_tokens).to(device, torch.int32)
 
+    # Index arithmetic instead of loading each key's position: the forward
+    # kernel runs 4-7x faster (H200, L = 16K and 64K).
     def chunk_mask(b, h, q_idx, kv_idx):
-        pos = key_pos[kv_idx]
-        # A boundary inside the leading band is seen there, as a raw key.
-        before_band = pos < q_idx - lead
-        in_band = (pos >= q_idx - lead) & (pos <= q_idx)
-        return torch.where(gathered[kv_idx], before_band, in_band)
+        raw = kv_idx - n_gathered  # token position of a raw key
+        in_band = (raw >= q_idx - leading_tokens) & (raw <= q_idx)
+        return torch.where(kv_idx < n_gathered, kv_idx < n_visible[q_idx], in_band)
 
-    return _ChunkLayout(key_index, _block_mask(chunk_mask, length, n_pad + length, device))
+    return _ChunkLayout(key_index, _block_mask(chunk_mask, length, n_gathered + length, device))

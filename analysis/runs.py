@@ -1,0 +1,172 @@
+"""Tracked runs as polars tables: one row per run, or one row per logged metric value.
+
+Reads any MLflow tracking URI through :class:`mlflow.tracking.MlflowClient`; never
+imports the trainer. MLflow stores every param as a string, so each param column
+is typed back from its strings: ``"None"`` becomes null, and a column whose other
+values all read as booleans, integers or numbers gets that dtype.
+
+Columns of :func:`load_runs`:
+
+* ``run_id``, ``run_name``, ``experiment``, ``status``, ``start_time`` (ms since epoch);
+* ``parent_run_id`` and ``is_sweep_parent`` (a sweep's parent run carries no results);
+* one column per param, under its dotted key (``model.family``, ``chunking.size``, ...);
+* one ``tags.<name>`` column per tag;
+* per metric ``<key>``: the final value (at the highest step), ``<key>:step`` its step,
+  ``<key>:best`` the best value (lowest, or highest for ``speed/`` metrics) and
+  ``<key>:best_step``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import polars as pl
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+TAG_PARENT_RUN = "mlflow.parentRunId"
+TAG_SWEEP_PARENT = "attamba.sweep_parent"
+HIGHER_IS_BETTER_PREFIXES = ("speed/",)
+BASE_SCHEMA = {"run_id": pl.String, "run_name": pl.String, "experiment": pl.String, "status": pl.String,
+               "start_time": pl.Int64, "parent_run_id": pl.String, "is_sweep_parent": pl.Boolean}
+
+
+# ----------------------------------------------------------------------------- params
+
+
+def parse_param(text: str) -> Any:
+    """The Python value an MLflow param string stands for: None, bool, int, float or the string."""
+    if text == "None":
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _param_column(name: str, texts: Sequence[str | None]) -> pl.Series:
+    """A typed column: Boolean, Int64 or Float64 when every non-null value reads so, else String."""
+    values = [None if text is None else parse_param(text) for text in texts]
+    present = [value for value in values if value is not None]
+    if present and all(isinstance(value, bool) for value in present):
+        return pl.Series(name, values, dtype=pl.Boolean)
+    if present and all(isinstance(value, int) and not isinstance(value, bool) for value in present):
+        return pl.Series(name, values, dtype=pl.Int64)
+    if present and all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in present):
+        return pl.Series(name, [None if value is None else float(value) for value in values], dtype=pl.Float64)
+    # Mixed or free text: keep MLflow's strings, with only "None" read as missing.
+    return pl.Series(name, [None if text in (None, "None") else text for text in texts], dtype=pl.String)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def higher_is_better(key: str) -> bool:
+    """Whether a larger value of metric ``key`` is better (throughput); losses, perplexities,
+    memory and everything else improve downwards."""
+    return key.startswith(HIGHER_IS_BETTER_PREFIXES)
+
+
+def _summarise(key: str, history: Sequence[tuple[int, float]]) -> dict[str, Any]:
+    """Final and best value (and their steps) of one metric's ``(step, value)`` history, sorted by step."""
+    final_step, final = history[-1]
+    pick = max if higher_is_better(key) else min
+    best_step, best = pick(history, key=lambda point: point[1])  # ties: the earliest step
+    return {key: final, f"{key}:step": final_step, f"{key}:best": best, f"{key}:best_step": best_step}
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of metric ``key`` sorted by step; of values logged twice at one step
+    (a resumed run), the later one."""
+    by_step: dict[int, tuple[int, float]] = {}
+    for metric in client.get_metric_history(run_id, key):
+        kept = by_step.get(metric.step)
+        if kept is None or metric.timestamp >= kept[0]:
+            by_step[metric.step] = (metric.timestamp, metric.value)
+    return [(step, value) for step, (_, value) in sorted(by_step.items())]
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def _experiment_ids(client: MlflowClient, experiments: Iterable[str]) -> dict[str, str]:
+    ids: dict[str, str] = {}
+    for name in experiments:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            known = sorted(e.name for e in client.search_experiments())
+            raise ValueError(f"--experiment: no experiment {name!r} in this store; it has {', '.join(known) or 'none'}")
+        ids[experiment.experiment_id] = name
+    return ids
+
+
+def _search(client: MlflowClient, experiment_ids: list[str]) -> list[Run]:
+    runs: list[Run] = []
+    page_token = None
+    while True:
+        page = client.search_runs(experiment_ids, order_by=["attributes.start_time ASC"], page_token=page_token)
+        runs.extend(page)
+        page_token = page.token
+        if not page_token:
+            return runs
+
+
+def list_experiments(uri: str) -> list[str]:
+    """Names of the active experiments in the store at ``uri`` that hold at least one run."""
+    client = MlflowClient(tracking_uri=uri)
+    return sorted(experiment.name for experiment in client.search_experiments()
+                  if client.search_runs([experiment.experiment_id], max_results=1))
+
+
+def load_runs(uri: str, experiments: str | Sequence[str]) -> pl.DataFrame:
+    """Every run of ``experiments`` in the store at ``uri``: params typed, final and best metric values."""
+    client = MlflowClient(tracking_uri=uri)
+    names = [experiments] if isinstance(experiments, str) else list(experiments)
+    id_to_name = _experiment_ids(client, names)
+    runs = _search(client, list(id_to_name))
+    rows: list[tuple[dict[str, Any], dict[str, str], dict[str, str]]] = []
+    for run in runs:
+        row: dict[str, Any] = {
+            "run_id": run.info.run_id, "run_name": run.info.run_name,
+            "experiment": id_to_name[run.info.experiment_id], "status": run.info.status,
+            "start_time": run.info.start_time, "parent_run_id": run.data.tags.get(TAG_PARENT_RUN),
+            "is_sweep_parent": run.data.tags.get(TAG_SWEEP_PARENT) == "true",
+        }
+        for key in sorted(run.data.metrics):
+            history = _history(client, run.info.run_id, key)
+            if history:
+                row.update(_summarise(key, history))
+        rows.append((row, run.data.params, run.data.tags))
+    return _frame(rows)
+
+
+def _frame(rows: list[tuple[dict[str, Any], dict[str, str], dict[str, str]]]) -> pl.DataFrame:
+    """Assemble base/metric values, typed params and tags into one frame with a stable column order."""
+    base = [row for row, _, _ in rows]
+    param_keys = sorted({key for _, params, _ in rows for key in params})
+    tag_keys = sorted({key for _, _, tags in rows for key in tags})
+    metric_keys = sorted({key for row in base for key in row} - set(BASE_SCHEMA))
+    if not rows:
+        return pl.DataFrame(schema=BASE_SCHEMA)
+    columns = [pl.Series(name, [row[name] for row in base], dtype=dtype) for name, dtype in BASE_SCHEMA.items()]
+    columns += [_param_column(key, [params.get(key) for _, params, _ in rows]) for key in param_keys]
+    columns += [pl.Series(f"tags.{key}", [tags.get(key) for _, _, tags in rows], dtype=pl.String) for key in tag_keys]
+    for key in metric_keys:
+        dtype = pl.Int64 if key.endswith((":step", ":best_step")) else pl.Float64
+        columns.append(pl.Series(key, [row.get(key) for row in base], dtype=dtype))
+    return pl.DataFrame(columns)
+
+
+def metric_histories(uri: str, run_ids: Sequence[str], keys: Sequence[str]) -> pl.DataFrame:
+    """Long table ``run_id, key, step, value`` of every logged value of ``keys`` in ``run_ids``,
+    sorted by run, key and step (one value per step: the last logged)."""
+    client = MlflowClient(tracking_uri=uri)
+    records = [(run_id, key, step, value)
+               for run_id in run_ids for key in keys
+               for step, value in _history(client, run_id, key)]
+    return pl.DataFrame(records, schema={"run_id": pl.String, "key": pl.String, "step": pl.Int64,
+                                         "value": pl.Float64}, orient="row")

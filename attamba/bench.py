@@ -1,0 +1,201 @@
+"""``attamba-bench``: training and decoding throughput, side by side in one process.
+
+Every candidate is measured in the same process as its baseline, at the same tokens
+per step, and reported with its ratio to it::
+
+    attamba-bench --contexts 1024 16384 65536 --tokens-per-step 16384 --compile --out bench.json
+
+Training steps are real (forward, backward, fused AdamW; bf16 autocast on GPU).
+Decoding prefills a context and times cached ``step`` calls. ``--attention`` adds
+the chunk-boundary attention op alone against full causal flash attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from attamba import accounting
+from attamba.config import ChunkingConfig, ModelConfig, SSMConfig
+from attamba.inference import Generator
+from attamba.models import build_model
+from attamba.trainer import peak_flops
+
+
+def paper_models(vocab: int, strategy: str, size: int, lead: int) -> dict[str, tuple[ModelConfig, ChunkingConfig]]:
+    """The paper's model (dim 512, 8 layers, 8 heads of 64, SSM hidden 256 in 8 heads, state 32)."""
+    ssm = SSMConfig(state_dim=32, hidden=256, heads=8, conv=4)
+    base = ModelConfig(vocab_size=vocab, dim=512, n_layers=8, n_heads=8, ssm=ssm)
+    chunking = ChunkingConfig(strategy=strategy, size=size, leading_tokens=lead)
+    return {
+        "transformer": (dataclasses.replace(base, family="transformer"), ChunkingConfig()),
+        f"attamba-{strategy}-P{size}": (dataclasses.replace(base, family="attamba"), chunking),
+    }
+
+
+def _timed(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int) -> float:
+    """Mean seconds per call after warmup (CUDA-synchronised)."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def bench_training(model_cfg: ModelConfig, chunking: ChunkingConfig, context: int, batch: int, steps: int,
+                   warmup: int, compile_model: bool, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    model = build_model(model_cfg, chunking).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    step_model = torch.compile(model) if compile_model else model
+    tokens = torch.randint(0, model_cfg.vocab_size, (batch, context + 1), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def train_step() -> None:
+        with autocast:
+            logits = step_model(tokens[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = _timed(train_step, device, steps, warmup)
+    tokens_per_s = batch * context / seconds
+    peak = peak_flops(device)
+    flops = accounting.flops_per_token(model_cfg, chunking, context, training=True)
+    return {
+        "tokens_per_s": tokens_per_s,
+        "step_ms": seconds * 1e3,
+        "mfu": flops * tokens_per_s / peak if peak else None,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "params": accounting.param_count(model_cfg),
+        "kv_bytes_per_token": accounting.kv_bytes_per_token(model_cfg, chunking, context),
+    }
+
+
+def bench_decoding(model_cfg: ModelConfig, chunking: ChunkingConfig, context: int, batch: int, new_tokens: int,
+                   device: torch.device) -> dict:
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build_model(model_cfg, chunking).to(device=device, dtype=dtype).eval()
+    generator = Generator(model)
+    prompt = torch.randint(0, model_cfg.vocab_size, (batch, context), device=device)
+    generator.prefill(prompt, all_logits=False)
+    token = prompt[:, -1:]
+    seconds = _timed(lambda: generator.step(token), device, new_tokens, warmup=2)
+    return {"decode_tokens_per_s": batch / seconds, "decode_step_ms": seconds * 1e3,
+            "cache_bytes": generator.cache_bytes(), "decode_context": context, "decode_batch": batch}
+
+
+def bench_attention(context: int, size: int, lead: int, device: torch.device, repeats: int = 10) -> dict:
+    """Chunk-boundary attention alone vs full causal flash SDPA, forward+backward, bf16, batch 1."""
+    from attamba.ops.attention import causal_attention, chunk_attention
+    from attamba.ops.chunking import boundary_mask
+
+    heads, head_dim = 8, 64
+    shape = (1, heads, context, head_dim)
+    q, k, v = (torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    boundary = boundary_mask(context, "uniform", size, layer=0, n_layers=1)
+
+    def run(op) -> Callable[[], None]:
+        def fwd_bwd() -> None:
+            op().sum().backward()
+        return fwd_bwd
+
+    chunk = _timed(run(lambda: chunk_attention(q, k, v, boundary, lead)), device, repeats, warmup=3)
+    full = _timed(run(lambda: causal_attention(q, k, v)), device, repeats, warmup=3)
+    return {"context": context, "chunk_ms": chunk * 1e3, "causal_flash_ms": full * 1e3, "speedup": full / chunk}
+
+
+def markdown(rows: list[dict], columns: list[str]) -> str:
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
+        return "-" if value is None else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="attamba-bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024])
+    parser.add_argument("--tokens-per-step", type=int, default=16 * 1024)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--strategy", default="cyclic")
+    parser.add_argument("--chunk-size", type=int, default=8)
+    parser.add_argument("--leading-tokens", type=int, default=8)
+    parser.add_argument("--decode-context", type=int, default=0, help="0 skips decoding")
+    parser.add_argument("--decode-batch", type=int, default=16)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--attention", type=int, nargs="*", default=[], help="contexts for the attention-only bench")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch._dynamo.config.recompile_limit = 64
+
+    models = paper_models(args.vocab, args.strategy, args.chunk_size, args.leading_tokens)
+    baseline = "transformer"
+    rows = []
+    for context in args.contexts:
+        batch = max(1, args.tokens_per_step // context)
+        results = {name: bench_training(cfg, chunking, context, batch, args.steps, args.warmup, args.compile, device)
+                   for name, (cfg, chunking) in models.items()}
+        for name, result in results.items():
+            rows.append({"model": name, "context": context, "batch": batch, **result,
+                         "speed_ratio": result["tokens_per_s"] / results[baseline]["tokens_per_s"],
+                         "mem_ratio": (result["peak_mem_gib"] / results[baseline]["peak_mem_gib"]
+                                       if result["peak_mem_gib"] else None)})
+    decode_rows = []
+    if args.decode_context:
+        results = {name: bench_decoding(cfg, chunking, args.decode_context, args.decode_batch, args.decode_tokens, device)
+                   for name, (cfg, chunking) in models.items()}
+        for name, result in results.items():
+            decode_rows.append({"model": name, **result,
+                                "decode_ratio": result["decode_tokens_per_s"] / results[baseline]["decode_tokens_per_s"],
+                                "cache_ratio": result["cache_bytes"] / results[baseline]["cache_bytes"]})
+    attention_rows = [bench_attention(context, args.chunk_size, args.leading_tokens, device)
+                      for context in args.attention]
+
+    report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": _device_name(device),
+              "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
+              "training": rows, "decoding": decode_rows, "attention": attention_rows}
+    print(f"# attamba-bench on {report['device']} ({report['date']}, torch {torch.__version__})\n")
+    print(markdown(rows, ["model", "context", "batch", "tokens_per_s", "speed_ratio", "mfu", "peak_mem_gib",
+                          "mem_ratio", "kv_bytes_per_token"]))
+    if decode_rows:
+        print("\n" + markdown(decode_rows, ["model", "decode_context", "decode_batch", "decode_tokens_per_s",
+                                            "decode_ratio", "cache_bytes", "cache_ratio"]))
+    if attention_rows:
+        print("\n" + markdown(attention_rows, ["context", "chunk_ms", "causal_flash_ms", "speedup"]))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+if __name__ == "__main__":
+    main()

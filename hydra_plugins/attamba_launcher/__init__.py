@@ -1,0 +1,1 @@
+"""Hydra discovers launchers only under ``hydra_plugins``; the logic lives in ``launchers/``."""

@@ -1,0 +1,90 @@
+"""The Hydra launcher behind ``hydra/launcher=submitit_local`` (and ``submitit_slurm``).
+
+One ``attamba-train -m …`` becomes: compose and validate every point, print the
+plan (and stop there with ``+plan=true``), open one MLflow parent run for the
+sweep, skip points that already finished, and run the rest through submitit.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.plugins.launcher import Launcher
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+class AttambaLauncher(Launcher):
+    def __init__(self, cluster: str = "local", max_parallel: int = 1, timeout_min: int = 4320,
+                 slurm: Any = None) -> None:
+        if cluster not in ("local", "slurm"):
+            raise ValueError(f"hydra.launcher.cluster: got {cluster!r}, allowed values are local, slurm")
+        self.cluster = cluster
+        self.max_parallel = max_parallel
+        self.timeout_min = timeout_min
+        self.slurm = OmegaConf.to_container(slurm, resolve=True) if isinstance(slurm, DictConfig) else (slurm or {})
+        self.config: DictConfig | None = None
+        self.hydra_context = None
+
+    def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
+        self.hydra_context = hydra_context
+        self.config = config
+
+    def _compose(self, overrides: list[str]):
+        from attamba.train import resolve
+
+        return resolve(self.hydra_context.config_loader.load_sweep_config(self.config, overrides))
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from attamba.tracking import RunTracker, ensure_store, git_commit, start_parent_run
+        from launchers.sweep import plan_table, prepare_points, sweep_key, unique, with_sweep
+
+        points = prepare_points(job_overrides, self._compose)
+        distinct, merged = unique(points)
+        for duplicate, kept in merged:
+            print(f"[sweep] point {duplicate.index} ({' '.join(duplicate.overrides)}) is the same run as "
+                  f"point {kept.index}: it runs once")
+        print(plan_table(distinct))
+        if self.config.get("plan"):
+            print("[sweep] plan only (+plan=true): nothing submitted")
+            return [JobReturn(overrides=list(p.overrides), status=JobStatus.COMPLETED, _return_value=None)
+                    for p in points]
+
+        command = list(self.config.hydra.overrides.task)
+        experiment = self.config.hydra.runtime.choices.get("experiment") or "sweep"
+        key = sweep_key(command)
+        sweep_name = f"{experiment}-{key}"
+        tracking = distinct[0].config.tracking
+        ensure_store(tracking.uri)
+        parent = start_parent_run(tracking.uri, tracking.experiment, sweep_name, tags={
+            "attamba.sweep_key": key, "attamba.sweep_overrides": " ".join(command),
+            "attamba.planned_runs": len(distinct), "mlflow.source.git.commit": git_commit() or "unknown"})
+        distinct = [p.__class__(p.index, p.overrides, with_sweep(p.config, sweep_name), p.config_hash)
+                    for p in distinct]
+        folder = Path(self.config.hydra.sweep.dir) / ".submitit"
+        outcomes = self._run(distinct, parent, folder)
+
+        failed = [o for o in outcomes if o.status == "failed"]
+        with RunTracker(tracking.uri, tracking.experiment, run_id=parent) as parent_run:
+            parent_run.finish("FAILED" if failed else "FINISHED",
+                              reason=f"{len(failed)} of {len(distinct)} runs failed" if failed else None)
+        print(f"[sweep] {sweep_name}: {len(outcomes) - len(failed)} of {len(outcomes)} runs done; "
+              f"MLflow experiment {tracking.experiment!r} at {tracking.uri} (parent run {parent})")
+        by_hash = {o.point.config_hash: o for o in outcomes}
+        returns = []
+        for point in points:
+            outcome = by_hash[point.config_hash]
+            status = JobStatus.FAILED if outcome.status == "failed" else JobStatus.COMPLETED
+            returns.append(JobReturn(overrides=list(point.overrides), status=status, _return_value=outcome.result))
+        return returns
+
+    def _run(self, points, parent_run_id: str, folder: Path):
+        if self.cluster == "slurm":
+            from launchers.slurm import run_points
+            return run_points(points, parent_run_id, folder, self.slurm, self.timeout_min)
+        from launchers.local import run_points
+        return run_points(points, parent_run_id, folder, self.max_parallel, self.timeout_min)

@@ -1,0 +1,1 @@
+"""How runs reach hardware: sweep preparation, the local GPU scheduler, SLURM glue."""

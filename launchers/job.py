@@ -1,0 +1,82 @@
+"""The callable that submitit pickles and runs: one training run of a sweep point.
+
+Preemption follows submitit's checkpoint-and-requeue protocol, with one change that
+a training loop needs. SLURM sends the preemption signal (``USR2``: ``signal_delay_s``
+before the time limit, or ``scancel --signal=USR2``). submitit's own handler would
+checkpoint and exit at once, in the middle of a step; instead we only raise a flag.
+The trainer sees it before its next step, saves a checkpoint and marks its MLflow
+run KILLED; then we hand over to submitit's handler, which calls
+:meth:`TrainJob.checkpoint`, runs ``scontrol requeue`` and exits without a result.
+The requeued job runs this same callable again, and the trainer resumes from its
+checkpoint into the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from dataclasses import dataclass
+
+import submitit
+from submitit.helpers import Checkpointable
+
+from attamba.config import Config
+
+
+def preemption_signal() -> signal.Signals:
+    """The signal submitit asks SLURM to send before the time limit (``SUBMITIT_PREEMPT_SIGNAL``, USR2)."""
+    return signal.Signals["SIG" + submitit.JobEnvironment.USR_SIG]
+
+
+def any_rank(flag: bool) -> bool:
+    """``flag`` OR-ed over the ranks of the process group (just ``flag`` without one).
+
+    SLURM signals every task, but each may notice it one step apart; stopping before
+    different steps would leave the ranks waiting in different collectives.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    on_gpu = dist.get_backend() == "nccl"
+    vote = torch.tensor([float(flag)], device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+    dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+    return bool(vote.item())
+
+
+@dataclass
+class TrainJob(Checkpointable):
+    """Train (or resume) one run; requeued through submitit when preempted.
+
+    ``checkpoint`` (inherited) resubmits this same job: the training state lives in
+    the run's checkpoint directory, not in the pickled callable.
+    """
+
+    config: Config
+    parent_run_id: str | None = None
+    threads: int | None = None  # CPU threads for torch, so parallel CPU jobs don't oversubscribe
+
+    def __call__(self) -> dict:
+        import torch
+
+        from attamba.trainer import train
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        os.environ.pop("MLFLOW_RUN_ID", None)  # a stray one would override the parent (FACTS.md)
+        preempted = threading.Event()
+        signum = preemption_signal()
+        submitit_handler = signal.signal(signum, lambda *_: preempted.set())
+        try:
+            result = train(self.config, stop_requested=lambda: any_rank(preempted.is_set()),
+                           parent_run_id=self.parent_run_id)
+        finally:
+            signal.signal(signum, submitit_handler)
+        if "preempted_at_step" in result and callable(submitit_handler):
+            # Rank 0: submitit calls self.checkpoint(), requeues and exits (or raises once out of requeues).
+            submitit_handler(signum, None)
+            # Other ranks: leave no result file; the requeued job runs every rank again.
+            raise SystemExit(f"preempted at step {int(result['preempted_at_step'])}; the job was requeued")
+        return result

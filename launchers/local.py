@@ -1,0 +1,115 @@
+"""Run sweep points on this machine through submitit: one GPU per job, the rest queued.
+
+On a machine with GPUs, ``N`` GPUs give ``N`` concurrent jobs, each seeing exactly
+one device through ``CUDA_VISIBLE_DEVICES``; on a CPU-only machine ``max_parallel``
+jobs run at once. Local means local: we ask submitit for its local executor by
+name, so the presence of ``srun`` never sends a job to SLURM.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import submitit
+
+from launchers.job import TrainJob
+from launchers.sweep import SweepPoint
+
+
+@dataclass
+class Outcome:
+    point: SweepPoint
+    status: str  # finished | failed | skipped
+    result: Any = None
+    seconds: float = 0.0
+
+
+def visible_gpus() -> list[int]:
+    """GPU indices this process may hand out (respecting an existing CUDA_VISIBLE_DEVICES)."""
+    declared = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if declared is not None:
+        return [int(g) for g in declared.split(",") if g.strip().isdigit()]
+    import torch
+
+    return list(range(torch.cuda.device_count()))
+
+
+@dataclass
+class SweepProgress:
+    """A one-line status: queued, running, finished, failed, with an ETA from finished jobs' durations."""
+
+    total: int
+    slots: int
+    counts: dict[str, int] = field(default_factory=lambda: {"queued": 0, "running": 0, "finished": 0,
+                                                             "failed": 0, "skipped": 0})
+    durations: list[float] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    last_line: str = ""
+
+    def show(self, force: bool = False) -> None:
+        c = self.counts
+        eta = "?"
+        if self.durations:
+            mean = sum(self.durations) / len(self.durations)
+            waves = (c["queued"] + c["running"]) / max(1, self.slots)
+            eta = f"{max(0.0, waves * mean) / 60:.1f} min"
+        line = (f"[sweep] {c['queued']} queued | {c['running']} running | {c['finished']} finished | "
+                f"{c['failed']} failed | {c['skipped']} skipped (already done) | ETA {eta}")
+        if force or line != self.last_line:
+            print(line, file=sys.stderr, flush=True)
+            self.last_line = line
+
+
+def run_points(points: Sequence[SweepPoint], parent_run_id: str | None, folder: Path, max_parallel: int,
+               timeout_min: int, poll_seconds: float = 1.0) -> list[Outcome]:
+    gpus = visible_gpus()
+    slots = len(gpus) if gpus else max(1, max_parallel)
+    threads = None if gpus else max(1, (os.cpu_count() or 1) // slots)
+    executor = submitit.LocalExecutor(folder=folder)
+    outcomes: list[Outcome] = []
+    queue = deque()
+    progress = SweepProgress(total=len(points), slots=slots)
+    for point in points:
+        if point.finished():
+            outcomes.append(Outcome(point, "skipped"))
+            progress.counts["skipped"] += 1
+        else:
+            queue.append(point)
+    progress.counts["queued"] = len(queue)
+    free = list(gpus)
+    running: dict[Any, tuple[SweepPoint, int | None, float]] = {}
+    progress.show(force=True)
+    while queue or running:
+        while queue and len(running) < slots:
+            point = queue.popleft()
+            gpu = free.pop(0) if gpus else None
+            executor.update_parameters(timeout_min=timeout_min, gpus_per_node=0 if gpu is None else 1,
+                                       visible_gpus=() if gpu is None else (gpu,))
+            job = executor.submit(TrainJob(point.config, parent_run_id, threads))
+            running[job] = (point, gpu, time.monotonic())
+            progress.counts["queued"] -= 1
+            progress.counts["running"] += 1
+        for job in [job for job in running if job.done()]:
+            point, gpu, start = running.pop(job)
+            seconds = time.monotonic() - start
+            if gpu is not None:
+                free.append(gpu)
+            progress.counts["running"] -= 1
+            try:
+                outcomes.append(Outcome(point, "finished", job.result(), seconds))
+                progress.counts["finished"] += 1
+                progress.durations.append(seconds)
+            except Exception as error:  # noqa: BLE001 - a failed run is reported, the sweep goes on
+                outcomes.append(Outcome(point, "failed", error, seconds))
+                progress.counts["failed"] += 1
+                print(f"[sweep] {point.name} failed: {str(error).strip().splitlines()[-1]}", file=sys.stderr)
+        progress.show()
+        if running:
+            time.sleep(poll_seconds)
+    return sorted(outcomes, key=lambda outcome: outcome.point.index)

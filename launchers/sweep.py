@@ -1,0 +1,134 @@
+"""What a sweep is before anything runs: its points, validated, deduplicated, planned.
+
+Every point of a Hydra multirun is composed and resolved here (iso-matched widths
+included) before a single job is submitted, so a typo in the 12th point never
+leaves 11 orphaned jobs. Points that resolve to the same configuration (the full
+transformer repeated across a grid of chunk sizes) run once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from attamba import accounting, checkpoint
+from attamba.config import Config, flatten, to_dict
+
+# A planning assumption, not a measurement: the share of an H200's bf16 peak a run sustains.
+PLAN_MFU = 0.35
+PLAN_PEAK_FLOPS = 989e12
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    index: int
+    overrides: tuple[str, ...]
+    config: Config
+    config_hash: str
+
+    @property
+    def name(self) -> str:
+        from attamba.trainer import run_name
+
+        return run_name(self.config)
+
+    def finished(self) -> bool:
+        """A final checkpoint exists: the point was trained to the end by an earlier sweep."""
+        latest = checkpoint.latest(Path(self.config.train.output_dir))
+        return latest is not None and int(latest.name.split("_")[-1]) >= self.config.train.steps
+
+
+class SweepError(ValueError):
+    """One or more points of a sweep are invalid; nothing was submitted."""
+
+
+def sweep_key(overrides: Sequence[str]) -> str:
+    """Identity of a sweep command: the same overrides (in any order) are the same sweep."""
+    return hashlib.sha256(json.dumps(sorted(overrides)).encode()).hexdigest()[:12]
+
+
+def prepare_points(job_overrides: Sequence[Sequence[str]], compose: Callable[[list[str]], Config]) -> list[SweepPoint]:
+    """Compose and validate every point; raise one :class:`SweepError` listing every bad point."""
+    from attamba.tracking import config_hash
+
+    seen: dict[tuple[str, ...], int] = {}
+    errors: list[str] = []
+    points: list[SweepPoint] = []
+    for index, overrides in enumerate(job_overrides):
+        key = tuple(sorted(overrides))
+        if key in seen:
+            errors.append(f"point {index} ({' '.join(overrides)}): duplicate of point {seen[key]}")
+            continue
+        seen[key] = index
+        try:
+            config = compose(list(overrides))
+        except Exception as error:  # noqa: BLE001 - every composition failure is reported, with its point
+            errors.append(f"point {index} ({' '.join(overrides) or 'no overrides'}): {_first_line(error)}")
+            continue
+        points.append(SweepPoint(index, tuple(overrides), config, config_hash(flatten(to_dict(config)))))
+    if errors:
+        raise SweepError("invalid sweep, nothing was submitted:\n  " + "\n  ".join(errors))
+    return points
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0] if "\n" in text and len(text) > 300 else text
+
+
+def unique(points: Sequence[SweepPoint]) -> tuple[list[SweepPoint], list[tuple[SweepPoint, SweepPoint]]]:
+    """Points with distinct configurations, and (duplicate, kept) pairs for the ones merged."""
+    kept: dict[str, SweepPoint] = {}
+    merged = []
+    for point in points:
+        if point.config_hash in kept:
+            merged.append((point, kept[point.config_hash]))
+        else:
+            kept[point.config_hash] = point
+    return list(kept.values()), merged
+
+
+def estimate(config: Config) -> dict[str, float]:
+    """Parameters, training tokens, FLOPs and GPU-hours of one run, from accounting alone."""
+    model, train = config.model, config.train
+    tokens = train.steps * train.batch_size * train.seq_len
+    flops = accounting.flops_per_token(model, config.chunking, train.seq_len, training=True) * tokens
+    return {
+        "params": float(accounting.param_count(model)),
+        "tokens": float(tokens),
+        "flops": flops,
+        "gpu_hours": flops / (PLAN_PEAK_FLOPS * PLAN_MFU) / 3600,
+        "kv_bytes_per_token": accounting.kv_bytes_per_token(model, config.chunking, train.seq_len),
+    }
+
+
+def plan_table(points: Sequence[SweepPoint]) -> str:
+    """The run matrix as a Markdown table, with totals."""
+    header = ("| # | run | family | P | lead | attn_dim | params | tokens | train FLOPs | KV B/token "
+              "| GPU-h | status |")
+    lines = [header, "|" + "---|" * 12]
+    totals = {"tokens": 0.0, "flops": 0.0, "gpu_hours": 0.0}
+    for point in points:
+        config, numbers = point.config, estimate(point.config)
+        for key in totals:
+            totals[key] += numbers[key]
+        attamba_like = config.model.family == "attamba" or config.model.match is not None
+        lines.append(
+            f"| {point.index} | {point.name} | {config.model.family} "
+            f"| {config.chunking.size if attamba_like else '-'} "
+            f"| {config.chunking.leading_tokens if config.model.family == 'attamba' else '-'} "
+            f"| {config.model.width if config.model.family != 'mamba2' else '-'} "
+            f"| {numbers['params'] / 1e6:.2f}M | {numbers['tokens'] / 1e6:.1f}M | {numbers['flops']:.3g} "
+            f"| {numbers['kv_bytes_per_token']:.0f} | {numbers['gpu_hours']:.3f} "
+            f"| {'finished' if point.finished() else 'to run'} |")
+    lines.append(f"\n{len(points)} runs, {totals['tokens'] / 1e9:.3f}B tokens, {totals['flops']:.3g} FLOPs, "
+                 f"≈{totals['gpu_hours']:.2f} H200 GPU-hours at {PLAN_MFU:.0%} MFU")
+    return "\n".join(lines)
+
+
+def with_sweep(config: Config, sweep_name: str) -> Config:
+    return dataclasses.replace(config, tracking=dataclasses.replace(config.tracking, sweep=sweep_name))

@@ -1,0 +1,128 @@
+"""Training runs end to end on CPU: resume exactness, divergence handling, bad input, tracking."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import attamba
+from attamba.tracking import find_runs, metric_history
+from attamba.train import resolve_output_dir
+from attamba.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def smoke_config(tmp_path: Path, *overrides: str):
+    config = attamba.load_config(["experiment=smoke", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                                  "train.log_every=1", *overrides])
+    return resolve_output_dir(config)
+
+
+def losses(uri: str, experiment: str) -> dict[int, float]:
+    (run,) = find_runs(uri, experiment)
+    return dict(metric_history(uri, run["run_id"], "train/loss"))  # last value per step wins
+
+
+def test_interrupted_run_resumes_to_the_same_losses(tmp_path):
+    steps = ["train.steps=10", "train.checkpoint_every=4", "train.eval_every=100"]
+    reference = smoke_config(tmp_path, *steps, "tracking.experiment=straight",
+                             f"train.output_dir={tmp_path}/straight")
+    train(reference)
+
+    resumed = smoke_config(tmp_path, *steps, "tracking.experiment=crashed", f"train.output_dir={tmp_path}/crashed")
+    calls = iter(range(100))
+
+    def crash_at_step_6() -> bool:
+        if next(calls) == 6:
+            raise KeyboardInterrupt("simulated crash at step 6")
+        return False
+
+    with pytest.raises(KeyboardInterrupt):
+        train(resumed, stop_requested=crash_at_step_6)
+    (killed,) = find_runs(resumed.tracking.uri, "crashed")
+    assert killed["status"] == "KILLED"
+    train(resumed)  # same output dir: resumes from the step-4 checkpoint
+
+    runs = find_runs(resumed.tracking.uri, "crashed")
+    assert len(runs) == 1 and runs[0]["status"] == "FINISHED"  # the same MLflow run, not a second one
+    want, got = losses(reference.tracking.uri, "straight"), losses(resumed.tracking.uri, "crashed")
+    assert sorted(got) == sorted(want) == list(range(1, 11))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
+
+
+def test_finished_run_is_not_trained_again(tmp_path):
+    config = smoke_config(tmp_path, "train.steps=3", "train.eval_every=100")
+    first = train(config)
+    again = train(config)
+    assert again == first
+    assert len(find_runs(config.tracking.uri, "smoke")) == 1
+
+
+def test_run_is_tracked_with_params_tags_metrics_and_artifacts(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    config = smoke_config(tmp_path, "train.steps=4", "train.eval_every=2")
+    final = train(config)
+    (run,) = find_runs(config.tracking.uri, "smoke")
+    client = MlflowClient(config.tracking.uri)
+    data = client.get_run(run["run_id"]).data
+    assert data.params["model.family"] == "attamba" and data.params["chunking.size"] == "4"
+    assert data.tags["attamba.family"] == "attamba" and len(data.tags["attamba.config_hash"]) >= 8
+    for key in ("model/params", "model/kv_bytes_per_token", "model/attn_flops_per_token", "train/loss",
+                "train/lr", "train/grad_norm", "speed/tokens_per_s", "speed/mfu", "mem/peak_gib",
+                "eval/val/loss", "eval/val/word_perplexity"):
+        assert key in data.metrics, key
+    assert [step for step, _ in metric_history(config.tracking.uri, run["run_id"], "eval/val/loss")] == [2, 4]
+    artifacts = {a.path for a in client.list_artifacts(run["run_id"])}
+    assert {"config.yaml", "tokenizer", "final_metrics.json"} <= artifacts
+    local = client.download_artifacts(run["run_id"], "final_metrics.json", str(tmp_path))
+    assert json.loads(Path(local).read_text())["eval/val/loss"] == pytest.approx(final["eval/val/loss"])
+
+
+def test_non_finite_loss_fails_the_run_with_the_reason(tmp_path):
+    from attamba.trainer import TrainingDiverged
+
+    config = smoke_config(tmp_path, "train.steps=20", "train.lr=1e12", "train.warmup=0", "optim.clip=0",
+                          "train.eval_every=100")
+    with pytest.raises(TrainingDiverged, match="non-finite"):
+        train(config)
+    (run,) = find_runs(config.tracking.uri, "smoke")
+    assert run["status"] == "FAILED"
+    assert "non-finite" in run["tags"]["attamba.failure_reason"]
+
+
+def cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "attamba.train", "experiment=smoke", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+         f"hydra.run.dir={tmp_path}/hydra", *overrides],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("overrides,setting", [
+    (["data=jsonl", "data.paths=[/nonexistent/shard.jsonl]"], "data.paths"),
+    (["data=jsonl", "data.paths=[{empty}]"], "data.paths"),
+    (["data.tokenizer={broken}"], "data.tokenizer"),
+    (["train.seq_len=2", "chunking.size=4"], "train.seq_len"),
+    (["train.output_dir={blocked}/run"], "train.output_dir"),
+    (["tracking.uri=http://127.0.0.1:9"], "tracking.uri"),
+])
+def test_bad_input_stops_before_training_and_changes_nothing_tracked(tmp_path, overrides, setting):
+    store = tmp_path / "mlflow.db"
+    train(smoke_config(tmp_path, "train.steps=2", "train.eval_every=100"))
+    before = store.read_bytes()
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "broken.model").write_bytes(b"\x00not a tokenizer")
+    (tmp_path / "blocked").write_text("a file, not a directory")
+    values = {"empty": tmp_path / "empty.jsonl", "broken": tmp_path / "broken.model", "blocked": tmp_path / "blocked"}
+    result = cli(tmp_path, *(o.format(**values) for o in overrides))
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()[-1]
+    assert setting in message, result.stderr
+    assert "Traceback" not in result.stderr
+    assert store.read_bytes() == before
