@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all test-gpu demo sweep figures ui slurm-up slurm-down gpu-wheel clean
+.PHONY: help install test test-all demo sweep figures ui slurm-up slurm-down gpu-wheel clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -32,6 +32,23 @@ test-all: install ## run every CPU test, slow ones included
 
 demo: install ## train a small real sweep on the embedded corpus, log to MLflow in runs/, draw figures
 	$(VENV)/bin/attamba-train -m experiment=demo
+	$(MAKE) --no-print-directory figures
+	@echo
+	@echo "Results: MLflow store $(TRACKING_URI) (experiment 'demo'), figures in runs/figures/demo/"
+	@echo "Browse them: make ui   (then open http://127.0.0.1:$(UI_PORT))"
+
+EXPERIMENT ?= demo
+TRACKING_URI ?= sqlite:///runs/mlflow.db
+UI_PORT ?= 5000
+
+sweep: install ## run a study through Hydra multirun (EXPERIMENT=demo|smoke|paper_iso_kv|leading_tokens|chunk_strategy)
+	$(VENV)/bin/attamba-train -m experiment=$(EXPERIMENT)
+
+figures: install ## rebuild every figure the tracking store supports into runs/figures/ and print the tables
+	$(VENV)/bin/attamba-analyze all --tracking-uri $(TRACKING_URI) --out runs/figures
+
+ui: install ## serve the tracking store with the MLflow UI on 127.0.0.1 only
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
 clean: ## remove the virtual environment and everything under runs/
 	rm -rf $(VENV) runs/*

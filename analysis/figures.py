@@ -17,7 +17,7 @@ matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import polars as pl  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from analysis.tables import FigureData  # noqa: E402
 
@@ -29,12 +29,21 @@ ROLE_STYLE = {
 }
 FAMILY_MARKERS = {"attamba": "o", "transformer": "s", "mamba2": "^"}
 DPI = 200
+MAX_NAMED_POINTS = 8  # Pareto points named on the plot; every name is in the table
 STYLE = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
          "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3}
 
 
 def _plain_number(value: float, _position: float) -> str:
     """Tick labels on log axes as plain numbers (8, 64, 1024), not powers of ten."""
+    return f"{value:g}"
+
+
+def _token_count(value: float, _position: float) -> str:
+    """Token counts as 500M, 1.5B instead of an offset exponent."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:g}{suffix}"
     return f"{value:g}"
 
 
@@ -94,10 +103,11 @@ def draw_pareto(data: FigureData) -> Figure:
     ax.step(front["kv_bytes_per_token"], front["value"], where="post", color="gray", linewidth=1, zorder=2)
     ax.scatter(front["kv_bytes_per_token"], front["value"], s=90, facecolors="none", edgecolors="black",
                linewidths=1, label="Pareto front", zorder=4)
-    for row in front.to_dicts():
+    for row in front.to_dicts() if front.height <= MAX_NAMED_POINTS else []:  # else they would collide
         ax.annotate(row["run_name"], (row["kv_bytes_per_token"], row["value"]), xytext=(4, 4),
                     textcoords="offset points", fontsize=6)
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(_plain_number))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("KV cache (bytes per token of context, bf16)")
@@ -165,6 +175,7 @@ def draw_curves(data: FigureData) -> Figure:
         by_step.yaxis.set_major_formatter(FuncFormatter(_plain_number))
         by_step.yaxis.set_minor_formatter(FuncFormatter(_plain_number))
     by_step.set_xlabel("optimizer step")
+    by_tokens.xaxis.set_major_formatter(FuncFormatter(_token_count))
     by_tokens.set_xlabel("training tokens")
     by_step.set_ylabel(data.metric.label)
     by_step.set_title("against steps")

@@ -282,7 +282,7 @@ def leading_tokens_table(runs: pl.DataFrame, requested: str | None = None) -> Fi
                      "no run differing only in leading tokens to compare with", excluded)
     if attamba.is_empty():
         raise NothingToPlot("no Attamba runs that differ only in leading tokens")
-    attamba = attamba.sort("chunk_size", "series", "leading_tokens")
+    attamba = _series_labels(attamba, "chunking.leading_tokens", ()).sort("chunk_size", "series", "leading_tokens")
     fulls = fulls.with_columns(pl.lit(None, dtype=pl.String).alias("series_label")).sort("run_name")
     table = pl.concat([_rows(attamba, "series_label"), _rows(fulls, "series_label")])
     return FigureData("leading-tokens", metric, table, excluded)
@@ -302,6 +302,7 @@ def chunk_strategy_table(runs: pl.DataFrame, requested: str | None = None) -> Fi
                   "no run differing only in chunking strategy to compare with", excluded)
     if runs.is_empty():
         raise NothingToPlot("no Attamba runs that differ only in chunking strategy")
+    runs = _series_labels(runs, "chunking.strategy", ())  # labels tell apart only the series drawn
     runs = runs.sort("chunk_size", "series", _order("strategy", STRATEGY_ORDER), "strategy")
     return FigureData("chunk-strategy", metric, _rows(runs, "series_label"), excluded)
 

@@ -258,10 +258,10 @@ class Match:
     ratio: float  # baseline_value / attamba_value, <= 1 by construction
 
 
-def transformer_baseline(model: ModelConfig, attn_dim: int) -> ModelConfig:
-    """The transformer an Attamba config is compared with: same shell, full MHA, no window."""
+def transformer_baseline(model: ModelConfig, attn_dim: int, window: int | None = None) -> ModelConfig:
+    """The transformer an Attamba config is compared with: same shell, full MHA, optional sliding window."""
     return dataclasses.replace(model, family="transformer", attn_dim=attn_dim, n_kv_heads=None,
-                               window=None, match=None)
+                               window=window, match=None)
 
 
 def _cost(target: str) -> Callable[[ModelConfig, ChunkingConfig, int], float]:
@@ -286,7 +286,8 @@ def _largest_fitting(fits: Callable[[int], bool]) -> int:
     return low
 
 
-def match_attn_dim(model: ModelConfig, chunking: ChunkingConfig, context: int, target: str) -> Match:
+def match_attn_dim(model: ModelConfig, chunking: ChunkingConfig, context: int, target: str,
+                   window: int | None = None) -> Match:
     """The widest transformer baseline (``attn_dim`` a multiple of ``n_heads``) costing no more than Attamba.
 
     ``target`` is the cost matched at ``context``: ``kv_cache`` bytes, forward
@@ -299,7 +300,7 @@ def match_attn_dim(model: ModelConfig, chunking: ChunkingConfig, context: int, t
     budget = cost(model, chunking, context)
 
     def baseline_cost(heads_width: int) -> float:
-        return cost(transformer_baseline(model, heads_width * model.n_heads), chunking, context)
+        return cost(transformer_baseline(model, heads_width * model.n_heads, window), chunking, context)
 
     if baseline_cost(1) > budget:
         raise ValueError(
@@ -308,6 +309,6 @@ def match_attn_dim(model: ModelConfig, chunking: ChunkingConfig, context: int, t
             f"{baseline_cost(1):g}; the budget is below one unit per head"
         )
     attn_dim = _largest_fitting(lambda k: baseline_cost(k) <= budget) * model.n_heads
-    value = cost(transformer_baseline(model, attn_dim), chunking, context)
+    value = cost(transformer_baseline(model, attn_dim, window), chunking, context)
     return Match(attn_dim=attn_dim, target=target, attamba_value=float(budget), baseline_value=float(value),
                  ratio=value / budget)

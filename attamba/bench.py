@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -134,6 +135,11 @@ def markdown(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _progress(kind: str, name: str, result: dict) -> None:
+    """Each measurement as soon as it exists, so a run cut short still reports what it measured."""
+    print(json.dumps({"kind": kind, "model": name, **result}), file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="attamba-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024])
@@ -160,8 +166,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for context in args.contexts:
         batch = max(1, args.tokens_per_step // context)
-        results = {name: bench_training(cfg, chunking, context, batch, args.steps, args.warmup, args.compile, device)
-                   for name, (cfg, chunking) in models.items()}
+        results = {}
+        for name, (cfg, chunking) in models.items():
+            results[name] = bench_training(cfg, chunking, context, batch, args.steps, args.warmup, args.compile, device)
+            _progress("training", name, {"context": context, **results[name]})
         for name, result in results.items():
             rows.append({"model": name, "context": context, "batch": batch, **result,
                          "speed_ratio": result["tokens_per_s"] / results[baseline]["tokens_per_s"],
@@ -169,14 +177,18 @@ def main(argv: list[str] | None = None) -> None:
                                        if result["peak_mem_gib"] else None)})
     decode_rows = []
     if args.decode_context:
-        results = {name: bench_decoding(cfg, chunking, args.decode_context, args.decode_batch, args.decode_tokens, device)
-                   for name, (cfg, chunking) in models.items()}
+        results = {}
+        for name, (cfg, chunking) in models.items():
+            results[name] = bench_decoding(cfg, chunking, args.decode_context, args.decode_batch, args.decode_tokens, device)
+            _progress("decoding", name, results[name])
         for name, result in results.items():
             decode_rows.append({"model": name, **result,
                                 "decode_ratio": result["decode_tokens_per_s"] / results[baseline]["decode_tokens_per_s"],
                                 "cache_ratio": result["cache_bytes"] / results[baseline]["cache_bytes"]})
-    attention_rows = [bench_attention(context, args.chunk_size, args.leading_tokens, device)
-                      for context in args.attention]
+    attention_rows = []
+    for context in args.attention:
+        attention_rows.append(bench_attention(context, args.chunk_size, args.leading_tokens, device))
+        _progress("attention", "chunk-vs-flash", attention_rows[-1])
 
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": _device_name(device),
               "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},

@@ -201,9 +201,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False
-    # Checkpoints, resolved config and tokenizer. None = runs/checkpoints/<config hash>, so
+    # Checkpoints, resolved config and tokenizer. None = <checkpoint_root>/<config hash>, so
     # re-running the same command resumes (or skips, if finished) instead of training twice.
     output_dir: Optional[str] = None
+    checkpoint_root: str = "runs/checkpoints"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every",

@@ -41,7 +41,7 @@ class Generator:
         self.caches: list[Any] | None = None
         self.position = 0
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: cached layout tensors must stay usable by autograd later
     def prefill(self, tokens: torch.Tensor, all_logits: bool = True) -> torch.Tensor:
         """Logits ``[B, L, V]`` of the prompt (``[B, 1, V]`` for its last token only with ``all_logits=False``)."""
         if tokens.dim() != 2 or tokens.shape[1] == 0:
@@ -50,7 +50,7 @@ class Generator:
         self.position = tokens.shape[1]
         return logits
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: cached layout tensors must stay usable by autograd later
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.caches is None:
             raise RuntimeError("call prefill() before step()")
@@ -60,7 +60,7 @@ class Generator:
         self.position += 1
         return logits
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: cached layout tensors must stay usable by autograd later
     def generate(self, prompt: torch.Tensor, new_tokens: int, temperature: float = 0.0,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Greedy (temperature 0) or sampled continuation: returns ``[B, new_tokens]``."""

@@ -67,7 +67,7 @@ SCHEMES = ("sqlite", "file", "http", "https")
 # its finished runs. Kernel choices (model.*.impl, train.compile) stay in: they are
 # benchmarked against each other, so runs differing in them are different runs.
 HASH_EXCLUDED_PREFIXES = ("tracking.",)
-HASH_EXCLUDED_KEYS = frozenset({"train.output_dir", "train.device", "data.root"})
+HASH_EXCLUDED_KEYS = frozenset({"train.output_dir", "train.checkpoint_root", "train.device", "data.root"})
 CONFIG_HASH_LENGTH = 12
 
 HEALTH_TIMEOUT_S = 3.0  # an unreachable server must stop a launch within seconds

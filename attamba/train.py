@@ -29,7 +29,7 @@ def resolve_match(config: Config) -> Config:
     if model.family != "transformer":
         raise ValueError(f"model.match: only transformer baselines are matched to Attamba, not {model.family!r}")
     reference = dataclasses.replace(model, family="attamba", attn_dim=None, n_kv_heads=None, window=None, match=None)
-    matched = match_attn_dim(reference, config.chunking, config.train.seq_len, model.match)
+    matched = match_attn_dim(reference, config.chunking, config.train.seq_len, model.match, window=model.window)
     return dataclasses.replace(config, model=dataclasses.replace(model, attn_dim=matched.attn_dim))
 
 
@@ -56,7 +56,8 @@ def resolve_output_dir(config: Config) -> Config:
     if config.train.output_dir is not None:
         return config
     digest = config_hash(flatten(to_dict(config)))
-    return dataclasses.replace(config, train=dataclasses.replace(config.train, output_dir=f"runs/checkpoints/{digest}"))
+    output_dir = f"{config.train.checkpoint_root}/{digest}"
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, output_dir=output_dir))
 
 
 def resolve_vocab(config: Config) -> Config:

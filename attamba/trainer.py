@@ -20,7 +20,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 from attamba import accounting, checkpoint, distributed
 from attamba.config import Config, flatten, to_dict
@@ -155,6 +154,8 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
     """Train (or resume) the run described by ``config``; returns its final metrics."""
     from attamba.data import PackedBatches, build_tokenizer, validation_documents
     from attamba.evaluate import evaluate_validation, evaluate_wikitext2
+    import yaml
+
     from attamba.tracking import RunTracker, config_hash, git_commit
 
     dist_info = distributed.detect()

@@ -48,6 +48,7 @@ class ChunkLayout:
         self.strategy = "uniform" if chunking.strategy == "pseudo" else chunking.strategy
         self.args = (chunking.size, layer, n_layers, chunking.seed)
 
+    @torch.compiler.disable  # host-side layout bookkeeping; the kernels that use it stay compiled
     @lru_cache(maxsize=16)
     def boundaries(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(boundary, chunk_start) bool masks for a sequence of ``length`` tokens."""

@@ -87,7 +87,7 @@ def chunk_attention(
     if boundary.shape != (q.shape[2],) or boundary.dtype != torch.bool:
         raise ValueError(f"boundary: expected a bool tensor of shape ({q.shape[2]},) (the sequence length), "
                          f"got {boundary.dtype} {tuple(boundary.shape)}")
-    if _resolve_impl(impl, q.device) == "flex":
+    if _resolve_impl(impl, q.device, q.shape[-1]) == "flex":
         return _chunk_flex(q, k, v, boundary, leading_tokens)
     mask = boundary_mask(boundary.to(q.device), leading_tokens)
     return _sdpa(q, k, v, attn_mask=mask)
@@ -108,7 +108,7 @@ def causal_attention(
     dense window mask under ``"reference"`` (``"auto"`` elsewhere).
     """
     _check_qkv(q, k, v)
-    resolved = _resolve_impl(impl, q.device)
+    resolved = _resolve_impl(impl, q.device, q.shape[-1])
     length = q.shape[2]
     if window is None or window >= length:
         return _sdpa(q, k, v, is_causal=True)
@@ -123,12 +123,16 @@ def causal_attention(
 # Input checks
 
 
-def _resolve_impl(impl: str, device: torch.device) -> str:
+# FlexAttention's compiled kernels need at least this head width.
+_FLEX_MIN_HEAD_DIM = 16
+
+
+def _resolve_impl(impl: str, device: torch.device, head_dim: int) -> str:
     """``"reference"`` or ``"flex"`` for ``impl`` on ``device``."""
     if impl not in ATTN_IMPLS:
         raise ValueError(f"model.attn_impl: got {impl!r}, allowed values are {', '.join(ATTN_IMPLS)}")
     if impl == "auto":
-        return "flex" if device.type == "cuda" else "reference"
+        return "flex" if device.type == "cuda" and head_dim >= _FLEX_MIN_HEAD_DIM else "reference"
     return impl
 
 

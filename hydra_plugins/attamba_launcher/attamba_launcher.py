@@ -59,6 +59,9 @@ class AttambaLauncher(Launcher):
         key = sweep_key(command)
         sweep_name = f"{experiment}-{key}"
         tracking = distinct[0].config.tracking
+        if self.cluster == "slurm":  # a cluster that cannot run the sweep fails it before any run is opened
+            from launchers.slurm import preflight
+            preflight(self.slurm, self.timeout_min)
         ensure_store(tracking.uri)
         parent = start_parent_run(tracking.uri, tracking.experiment, sweep_name, tags={
             "attamba.sweep_key": key, "attamba.sweep_overrides": " ".join(command),
@@ -68,7 +71,7 @@ class AttambaLauncher(Launcher):
         folder = Path(self.config.hydra.sweep.dir) / ".submitit"
         outcomes = self._run(distinct, parent, folder)
 
-        failed = [o for o in outcomes if o.status == "failed"]
+        failed = [o for o in outcomes if o.status in ("failed", "cancelled")]
         with RunTracker(tracking.uri, tracking.experiment, run_id=parent) as parent_run:
             parent_run.finish("FAILED" if failed else "FINISHED",
                               reason=f"{len(failed)} of {len(distinct)} runs failed" if failed else None)
@@ -78,7 +81,7 @@ class AttambaLauncher(Launcher):
         returns = []
         for point in points:
             outcome = by_hash[point.config_hash]
-            status = JobStatus.FAILED if outcome.status == "failed" else JobStatus.COMPLETED
+            status = JobStatus.FAILED if outcome.status in ("failed", "cancelled") else JobStatus.COMPLETED
             returns.append(JobReturn(overrides=list(point.overrides), status=status, _return_value=outcome.result))
         return returns
 

@@ -1,0 +1,105 @@
+"""Hydra multirun through our launcher: validation before submission, one MLflow parent, skip-finished."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from attamba.tracking import find_runs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sweep(tmp_path: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "attamba.train", "-m", "experiment=smoke",
+         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"hydra.sweep.dir={tmp_path}/sweep",
+         f"train.checkpoint_root={tmp_path}/checkpoints", *overrides],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["chunking=diagonal"], "diagonal"),  # an unknown group option
+    (["chunking.size=4,eight"], "chunking.size"),  # a sweep value of the wrong type
+    (["variant=transformer_iso_kv", "chunking.size=64", "model.n_heads=32", "model.dim=64"], "model.match"),
+    (["chunking.size=4,4"], "duplicate"),
+])
+def test_bad_sweeps_fail_before_anything_is_submitted(tmp_path, overrides, expected):
+    result = sweep(tmp_path, *overrides)
+    assert result.returncode != 0
+    assert expected in result.stderr + result.stdout, result.stderr
+    assert not (tmp_path / "mlflow.db").exists() or find_runs(f"sqlite:///{tmp_path}/mlflow.db", "smoke") == []
+    assert not list((tmp_path / "sweep").glob(".submitit/*"))
+
+
+def test_plan_prints_the_matrix_and_submits_nothing(tmp_path):
+    result = sweep(tmp_path, "variant=attamba,transformer,transformer_iso_kv", "chunking.size=2,4", "+plan=true")
+    assert result.returncode == 0, result.stderr
+    assert "plan only" in result.stdout and "GPU-hours" in result.stdout
+    assert "is the same run as" in result.stdout  # the full transformer appears once, not per chunk size
+    assert result.stdout.count("| transformer-w") == 3  # full + iso-KV at P=2 and P=4
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_local_sweep_tracks_one_parent_and_reruns_skip_finished(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    first = sweep(tmp_path, "chunking.size=2,4", "train.steps=6", "hydra.launcher.max_parallel=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "2 finished" in first.stderr
+    runs = find_runs(uri, "smoke")
+    parents = [r for r in runs if r["tags"].get("attamba.sweep_parent") == "true"]
+    children = [r for r in runs if r not in parents]
+    assert len(parents) == 1 and len(children) == 2
+    assert parents[0]["tags"]["attamba.planned_runs"] == "2"
+    assert {c["tags"]["mlflow.parentRunId"] for c in children} == {parents[0]["run_id"]}
+    assert all(c["status"] == "FINISHED" and "train/loss" in c["metrics"] for c in children)
+
+    again = sweep(tmp_path, "chunking.size=2,4", "train.steps=6", "hydra.launcher.max_parallel=2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "2 skipped" in again.stderr
+    assert len(find_runs(uri, "smoke")) == 3  # nothing trained twice, the parent reused
+
+    assert_make_ui_serves_the_sweep(tmp_path, uri)
+
+
+def assert_make_ui_serves_the_sweep(tmp_path: Path, uri: str) -> None:
+    """`make ui` on loopback; the sweep's runs, params and metrics through the REST API the UI uses."""
+    from mlflow_server import _healthy, free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "ui.log", "wb")
+    ui = subprocess.Popen(["make", "-s", "ui", f"TRACKING_URI={uri}", f"UI_PORT={port}"], cwd=REPO,
+                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not _healthy(url):
+            assert ui.poll() is None and time.monotonic() < deadline, (tmp_path / "ui.log").read_text()
+            time.sleep(0.5)
+
+        def post(path: str, body: dict) -> dict:
+            request = urllib.request.Request(f"{url}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})
+            return json.loads(urllib.request.urlopen(request, timeout=30).read())
+
+        experiments = post("experiments/search", {"max_results": 100})["experiments"]
+        (smoke,) = [e for e in experiments if e["name"] == "smoke"]
+        runs = post("runs/search", {"experiment_ids": [smoke["experiment_id"]], "max_results": 100})["runs"]
+        children = [r for r in runs if any(t["key"] == "mlflow.parentRunId" for t in r["data"].get("tags", []))]
+        assert len(children) == 2
+        for run in children:
+            params = {p["key"]: p["value"] for p in run["data"]["params"]}
+            metrics = {m["key"] for m in run["data"]["metrics"]}
+            assert params["chunking.size"] in {"2", "4"} and "eval/val/loss" in metrics
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)
+        log.close()
