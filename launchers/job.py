@@ -66,6 +66,8 @@ class TrainJob(Checkpointable):
         if self.threads:
             torch.set_num_threads(self.threads)
         os.environ.pop("MLFLOW_RUN_ID", None)  # a stray one would override the parent (FACTS.md)
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            return train(self.config, parent_run_id=self.parent_run_id)
         preempted = threading.Event()
         signum = preemption_signal()
         submitit_handler = signal.signal(signum, lambda *_: preempted.set())

@@ -67,7 +67,8 @@ class SweepProgress:
 
 
 def run_points(points: Sequence[SweepPoint], parent_run_id: str | None, folder: Path, max_parallel: int,
-               timeout_min: int, poll_seconds: float = 1.0) -> list[Outcome]:
+               timeout_min: int, skip: frozenset[str] = frozenset(), poll_seconds: float = 1.0) -> list[Outcome]:
+    """Run ``points`` (those whose config hash is in ``skip`` finished earlier and are not run again)."""
     gpus = visible_gpus()
     slots = len(gpus) if gpus else max(1, max_parallel)
     threads = None if gpus else max(1, (os.cpu_count() or 1) // slots)
@@ -76,7 +77,7 @@ def run_points(points: Sequence[SweepPoint], parent_run_id: str | None, folder: 
     queue = deque()
     progress = SweepProgress(total=len(points), slots=slots)
     for point in points:
-        if point.finished():
+        if point.config_hash in skip:
             outcomes.append(Outcome(point, "skipped"))
             progress.counts["skipped"] += 1
         else:

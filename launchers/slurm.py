@@ -354,7 +354,7 @@ def run_points(points: Sequence[SweepPoint], parent_run_id: str | None, folder: 
             if outcome is None:
                 continue
             del jobs[job]
-            outcome.seconds = time.monotonic() - progress.started
+            outcome.seconds = time.monotonic() - progress.started  # since submission: queueing included
             outcomes.append(outcome)
             progress.counts[outcome.status] += 1
             if outcome.status != "finished":

@@ -23,7 +23,7 @@ import attamba
 from attamba.config import Config, flatten, to_dict
 from attamba.tracking import config_hash, find_runs, metric_history
 from attamba.trainer import train
-from launchers.slurm import partitions, preflight, run_points
+from launchers.slurm import parse_gpus, parse_time_min, partitions, preflight, run_points
 from launchers.sweep import SweepPoint
 
 pytestmark = pytest.mark.slurm
@@ -142,6 +142,27 @@ def assert_resumed_like(uri: str, experiment: str, reference: dict, reference_ex
         assert got[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
     for key in ("train/loss", "eval/val/loss", "eval/val/word_perplexity"):
         assert result[key] == pytest.approx(reference[key], rel=1e-5), key
+
+
+@pytest.mark.parametrize("text, minutes", [("UNLIMITED", None), ("45", 45), ("45:30", 45.5), ("2:00:00", 120),
+                                           ("3-0", 4320), ("1-02:30", 1590), ("1-00:00:30", 1440.5)])
+def test_slurm_time_formats(text, minutes):
+    assert parse_time_min(text) == minutes
+
+
+@pytest.mark.parametrize("gres, gpus", [("(null)", 0), ("gpu:8", 8), ("gpu:h200:4(S:0-1)", 4),
+                                        ("gpu:a100:2,gpu:v100:2", 4), ("shard:8", 0), ("gpu:h200:4(S:0),shard:8", 4)])
+def test_gpus_are_counted_from_a_nodes_gres(gres, gpus):
+    assert parse_gpus(gres) == gpus
+
+
+def test_preflight_reads_this_clusters_default_partition_and_limits():
+    (default,) = [p for p in partitions().values() if p.default]
+    settings, partition = preflight({"cpus_per_task": 1, "mem_gb_per_task": 1}, 10)
+    assert partition == default.name and settings.tasks_per_node == 1
+    limit = subprocess.run(["sinfo", "--noheader", f"--partition={partition}", "--format=%l"],
+                           capture_output=True, text=True, check=True).stdout.split()[0]
+    assert default.max_time_min == parse_time_min(limit)
 
 
 def test_two_point_sweep_runs_through_slurm_into_mlflow_under_one_parent(tmp_path):

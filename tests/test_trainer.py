@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def smoke_config(tmp_path: Path, *overrides: str):
     config = attamba.load_config(["experiment=smoke", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-                                  "train.log_every=1", *overrides])
+                                  f"train.checkpoint_root={tmp_path}/checkpoints", "train.log_every=1", *overrides])
     return resolve_output_dir(config)
 
 
@@ -100,7 +100,7 @@ def test_non_finite_loss_fails_the_run_with_the_reason(tmp_path):
 def cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "attamba.train", "experiment=smoke", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-         f"hydra.run.dir={tmp_path}/hydra", *overrides],
+         f"hydra.run.dir={tmp_path}/hydra", f"train.checkpoint_root={tmp_path}/checkpoints", *overrides],
         cwd=REPO, capture_output=True, text=True, timeout=300)
 
 

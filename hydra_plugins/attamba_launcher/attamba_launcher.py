@@ -40,7 +40,7 @@ class AttambaLauncher(Launcher):
         return resolve(self.hydra_context.config_loader.load_sweep_config(self.config, overrides))
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from attamba.tracking import RunTracker, ensure_store, git_commit, start_parent_run
+        from attamba.tracking import RunTracker, ensure_store, find_runs, git_commit, start_parent_run
         from launchers.sweep import plan_table, prepare_points, sweep_key, unique, with_sweep
 
         points = prepare_points(job_overrides, self._compose)
@@ -68,8 +68,12 @@ class AttambaLauncher(Launcher):
             "attamba.planned_runs": len(distinct), "mlflow.source.git.commit": git_commit() or "unknown"})
         distinct = [p.__class__(p.index, p.overrides, with_sweep(p.config, sweep_name), p.config_hash)
                     for p in distinct]
+        # finished = trained to the end by an earlier run: a final checkpoint, or a FINISHED run in MLflow
+        tracked = find_runs(tracking.uri, tracking.experiment, "attributes.status = 'FINISHED'")
+        done = {run["tags"].get("attamba.config_hash") for run in tracked}
+        skip = frozenset(p.config_hash for p in distinct if p.config_hash in done or p.finished())
         folder = Path(self.config.hydra.sweep.dir) / ".submitit"
-        outcomes = self._run(distinct, parent, folder)
+        outcomes = self._run(distinct, parent, folder, skip)
 
         failed = [o for o in outcomes if o.status in ("failed", "cancelled")]
         with RunTracker(tracking.uri, tracking.experiment, run_id=parent) as parent_run:
@@ -85,9 +89,9 @@ class AttambaLauncher(Launcher):
             returns.append(JobReturn(overrides=list(point.overrides), status=status, _return_value=outcome.result))
         return returns
 
-    def _run(self, points, parent_run_id: str, folder: Path):
+    def _run(self, points, parent_run_id: str, folder: Path, skip: frozenset[str]):
         if self.cluster == "slurm":
             from launchers.slurm import run_points
-            return run_points(points, parent_run_id, folder, self.slurm, self.timeout_min)
+            return run_points(points, parent_run_id, folder, self.slurm, self.timeout_min, skip=skip)
         from launchers.local import run_points
-        return run_points(points, parent_run_id, folder, self.max_parallel, self.timeout_min)
+        return run_points(points, parent_run_id, folder, self.max_parallel, self.timeout_min, skip=skip)
