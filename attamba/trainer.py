@@ -212,6 +212,10 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
             tags["mlflow.source.git.commit"] = commit
         if config.tracking.sweep:
             tags["attamba.sweep"] = config.tracking.sweep
+        if "CUDA_VISIBLE_DEVICES" in os.environ:  # which GPU a local sweep gave this run
+            tags["attamba.cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
+        if dist_info.enabled:
+            tags["attamba.world_size"] = str(dist_info.world_size)
         tracker = RunTracker(config.tracking.uri, config.tracking.experiment, run_name=run_name(config),
                              run_id=run_id, parent_run_id=parent_run_id, tags=tags)
         run_id = tracker.run_id

@@ -103,3 +103,27 @@ def assert_make_ui_serves_the_sweep(tmp_path: Path, uri: str) -> None:
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=30)
         log.close()
+
+
+def test_local_launcher_gives_each_job_one_gpu_and_never_shares_one(tmp_path):
+    """With two GPUs declared, four jobs run two at a time, each seeing exactly one device of its own."""
+    env_gpus = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "attamba.train", "-m", "experiment=smoke", "train.device=cpu", "train.steps=3",
+         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"hydra.sweep.dir={tmp_path}/sweep",
+         f"train.checkpoint_root={tmp_path}/checkpoints", "chunking.size=1,2,4,8"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=env_gpus)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    children = [r for r in find_runs(f"sqlite:///{tmp_path}/mlflow.db", "smoke") if "mlflow.parentRunId" in r["tags"]]
+    assert len(children) == 4
+    assert {r["tags"]["attamba.cuda_visible_devices"] for r in children} <= {"0", "1"}
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    spans = {}
+    for run in children:
+        info = client.get_run(run["run_id"]).info
+        spans.setdefault(run["tags"]["attamba.cuda_visible_devices"], []).append((info.start_time, info.end_time))
+    for gpu, intervals in spans.items():
+        intervals.sort()
+        assert all(end <= next_start for (_, end), (next_start, _) in zip(intervals, intervals[1:])), gpu

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +127,18 @@ def test_bad_input_stops_before_training_and_changes_nothing_tracked(tmp_path, o
     assert setting in message, result.stderr
     assert "Traceback" not in result.stderr
     assert store.read_bytes() == before
+
+
+def test_two_process_ddp_run_tracks_once_from_rank_zero(tmp_path):
+    """torchrun with 2 CPU processes (gloo): both train, rank 0 alone creates and finishes the MLflow run."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "attamba.train", "experiment=smoke",
+         "train.steps=4", "train.log_every=1", "train.eval_every=100", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+         f"hydra.run.dir={tmp_path}/hydra", f"train.checkpoint_root={tmp_path}/checkpoints"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = find_runs(f"sqlite:///{tmp_path}/mlflow.db", "smoke")
+    assert run["status"] == "FINISHED" and run["tags"]["attamba.world_size"] == "2"
+    history = metric_history(f"sqlite:///{tmp_path}/mlflow.db", run["run_id"], "train/loss")
+    assert [step for step, _ in history] == [1, 2, 3, 4]
