@@ -23,7 +23,6 @@ paths (MLflow 3 accepts those only with ``MLFLOW_ALLOW_FILE_STORE=true``).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -33,7 +32,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from contextlib import closing, contextmanager
+from contextlib import closing
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Callable, Iterator, Sequence, TypeVar
@@ -49,6 +48,8 @@ from mlflow.utils.validation import (
     MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_VAL_LENGTH,
 )
+
+from attamba.locking import exclusive_lock
 
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_PARENT_RUN = "mlflow.parentRunId"
@@ -199,17 +200,6 @@ def check_tracking_uri(uri: str) -> None:
         _check_creatable(uri, _file_store_path(uri), is_dir=True)
 
 
-@contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    """An inter-process lock held on ``path`` (created if needed) for the block's duration."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _store_created(uri: str, store: Path) -> bool:
     """Whether a local store exists; for sqlite, whether MLflow has recorded its schema version
     (it does so while migrating, which ``ensure_store`` only lets one process do at a time)."""
@@ -238,7 +228,7 @@ def ensure_store(uri: str) -> None:
         return
     store = store.absolute()
     store.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(store.with_name(store.name + ".lock")):
+    with exclusive_lock(store.with_name(store.name + ".lock")):
         if not _store_created(uri, store):
             _retry_locked(MlflowClient(tracking_uri=uri).search_experiments, max_results=1)
 

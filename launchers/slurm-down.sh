@@ -52,8 +52,8 @@ stop() {
 }
 
 main() {
-  if [ ! -d "$PIDS" ]; then
-    echo "slurm-down: nothing to stop ($PIDS does not exist)"
+  if [ -z "$(ls -A "$PIDS" 2>/dev/null)" ]; then
+    echo "slurm-down: nothing to stop (no daemon recorded in $PIDS)"
     return 0
   fi
   cancel_jobs

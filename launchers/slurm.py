@@ -329,13 +329,14 @@ def close_run(point: SweepPoint, parent_run_id: str | None, status: str, reason:
 
 
 def run_points(points: Sequence[SweepPoint], parent_run_id: str | None, folder: Path, slurm: Mapping[str, Any],
-               timeout_min: int) -> list[Outcome]:
-    """Run every unfinished point as one SLURM job array; wait for all and report each outcome."""
+               timeout_min: int, skip: frozenset[str] = frozenset()) -> list[Outcome]:
+    """Run ``points`` as one SLURM job array and wait for every outcome (those whose config hash
+    is in ``skip`` finished earlier and are not run again)."""
     settings, partition = preflight(slurm, timeout_min)
     progress = SlurmProgress()
-    outcomes = [Outcome(point, "skipped") for point in points if point.finished()]
+    outcomes = [Outcome(point, "skipped") for point in points if point.config_hash in skip]
     progress.counts["skipped"] = len(outcomes)
-    todo = [point for point in points if not point.finished()]
+    todo = [point for point in points if point.config_hash not in skip]
     jobs = {}
     if todo:
         executor = make_executor(folder, settings, partition, timeout_min)

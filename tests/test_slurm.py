@@ -44,7 +44,8 @@ def cluster_problem() -> str | None:
         except subprocess.TimeoutExpired:
             return f"`{' '.join(command)}` got no answer within 20 s: is the cluster up? (`make slurm-up`)"
         if probe.returncode != 0:
-            return f"no SLURM cluster is up (`{' '.join(command)}`: {probe.stderr.strip()}): run `make slurm-up`"
+            said = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+            return f"no SLURM cluster is up (`{' '.join(command)}`: {said}): run `make slurm-up`"
     return None
 
 

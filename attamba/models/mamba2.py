@@ -82,8 +82,7 @@ class SSMBlock(nn.Module):
         return F.linear(u, self.in_proj.flatten(0, 1)).unflatten(-1, (self.streams, self.proj_width))
 
     def _split(self, zxbcdt: torch.Tensor):
-        hidden, state = self.cfg.hidden, self.cfg.state_dim
-        z, xbc, dt = zxbcdt.split([hidden, self.conv_width, self.cfg.heads], dim=-1)
+        z, xbc, dt = zxbcdt.split([self.cfg.hidden, self.conv_width, self.cfg.heads], dim=-1)
         return z, xbc, dt
 
     def _scan_inputs(self, xbc: torch.Tensor, dt: torch.Tensor):

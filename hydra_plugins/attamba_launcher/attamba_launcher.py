@@ -8,6 +8,7 @@ sweep, skip points that already finished, and run the rest through submitit.
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -40,6 +41,13 @@ class AttambaLauncher(Launcher):
         return resolve(self.hydra_context.config_loader.load_sweep_config(self.config, overrides))
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        try:
+            return self._launch(job_overrides)
+        except ValueError as error:  # a bad sweep: its message names the settings; no traceback, exit 2
+            print(f"attamba-train: error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    def _launch(self, job_overrides: Sequence[Sequence[str]]) -> Sequence[JobReturn]:
         from attamba.tracking import RunTracker, ensure_store, find_runs, git_commit, start_parent_run
         from launchers.sweep import plan_table, prepare_points, sweep_key, unique, with_sweep
 
