@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all demo sweep figures ui slurm-up slurm-down gpu-wheel clean
+.PHONY: help install test test-all demo sweep figures paper-figures ui slurm-up slurm-down gpu-wheel clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e '.[dev]'
 	# mistral-common only ships the SentencePiece model we test with; its deps are not needed
 	$(PIP) install --quiet --no-deps mistral-common==1.13.1
-	$(PY) -m attamba.data.prepare --root runs/data
+	$(VENV)/bin/attamba-prepare-data --root runs/data
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv, install attamba (CPU torch) and prepare the embedded corpus
@@ -46,6 +46,17 @@ sweep: install ## run a study through Hydra multirun (EXPERIMENT=demo|smoke|pape
 
 figures: install ## rebuild every figure the tracking store supports into runs/figures/ and print the tables
 	$(VENV)/bin/attamba-analyze all --tracking-uri $(TRACKING_URI) --out runs/figures
+
+PAPER_RUNS ?= ../shared/data/attamba-paper-runs.tar.gz
+
+paper-figures: install ## import the paper authors' Lingua logs (PAPER_RUNS=tarball) into runs/ and draw their figures
+	rm -rf runs/paper-runs && mkdir -p runs/paper-runs && tar xzf $(PAPER_RUNS) -C runs/paper-runs
+	for study in comparative_runs reported_runs long_runs; do \
+		$(VENV)/bin/attamba-analyze import-lingua runs/paper-runs/*/$$study/* --experiment paper-$$study \
+			--tracking-uri $(TRACKING_URI) || exit 1; \
+	done
+	$(VENV)/bin/attamba-analyze all --experiment paper-comparative_runs paper-reported_runs paper-long_runs \
+		--tracking-uri $(TRACKING_URI) --out runs/figures
 
 ui: install ## serve the tracking store with the MLflow UI on 127.0.0.1 only
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port $(UI_PORT) --workers 1

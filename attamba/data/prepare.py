@@ -14,7 +14,7 @@ gives about 790 documents for a document-level split. Validation takes the
 documents with the smallest content-independent hash of their id, so the split
 is deterministic and stable.
 
-Usage: ``python -m attamba.data.prepare [--root runs/data] [--val-fraction 0.05]``.
+Usage: ``attamba-prepare-data [--root runs/data] [--val-fraction 0.05]`` (``make install`` runs it).
 """
 
 from __future__ import annotations
