@@ -127,6 +127,17 @@ def sacct(job_id: str, *fields: str, duplicates: bool = False) -> list[list[str]
     return [line.split("|") for line in out.splitlines() if line]
 
 
+UNSETTLED = {"PENDING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}
+
+
+def settled(job_id: str) -> None:
+    """Wait until the queue is empty and accounting (slurmdbd records asynchronously) has a final
+    state for every allocation of ``job_id``: sacct can still say RUNNING after squeue is empty."""
+    wait_for(lambda: not queued(), 30, "the job to leave the queue")
+    wait_for(lambda: all(row[0] not in UNSETTLED for row in sacct(job_id, "State")), 60,
+             f"accounting to record a final state for job {job_id}")
+
+
 def assert_resumed_like(uri: str, experiment: str, reference: dict, reference_experiment: str,
                         result: dict) -> None:
     """One MLflow run, preempted at least once, finished with the losses and metrics of the reference."""
@@ -202,7 +213,7 @@ def test_job_array_larger_than_the_node_runs_every_point(tmp_path):
     assert [o.status for o in outcomes] == ["finished"] * len(points)
     assert [o.point.index for o in outcomes] == list(range(len(points)))
     (array_id,) = {log.name.split("_")[0] for log in folder.glob("*_0_log.out")}
-    wait_for(lambda: not queued(), 30, "the array's last job to exit")
+    settled(array_id)
     tasks = sacct(array_id, "JobID", "State", "Start", "End")
     assert sorted(row[0] for row in tasks) == sorted(f"{array_id}_{i}" for i in range(len(points)))
     assert {row[1] for row in tasks} == {"COMPLETED"}
@@ -226,7 +237,7 @@ def test_preemption_signal_checkpoints_requeues_and_resumes_into_the_same_run(tm
 
     assert outcome.status == "finished", outcome.result
     assert_resumed_like(config.tracking.uri, "preempted", reference, "straight", outcome.result)
-    wait_for(lambda: not queued(), 30, "the job to exit")
+    settled(job_id)
     attempts = sacct(job_id, "State", duplicates=True)
     assert [row[0] for row in attempts] == ["REQUEUED", "COMPLETED"]
 
@@ -244,7 +255,7 @@ def test_time_limit_checkpoints_requeues_and_resumes_into_the_same_run(tmp_path)
     assert outcome.status == "finished", outcome.result
     assert_resumed_like(config.tracking.uri, "timed", reference, "straight", outcome.result)
     job_id = training_job(folder)
-    wait_for(lambda: not queued(), 30, "the job to exit")
+    settled(job_id)
     states = [row[0] for row in sacct(job_id, "State", duplicates=True)]
     assert states[-1] == "COMPLETED" and set(states[:-1]) == {"REQUEUED"} and len(states) >= 2, states
 
@@ -266,7 +277,7 @@ def test_multi_gpu_run_is_one_task_per_gpu_with_rank_0_tracking_and_resumes_afte
     assert run["status"] == "FINISHED"
     assert "preempted at step" in run["tags"]["attamba.failure_reason"]
     assert sorted(dict(metric_history(config.tracking.uri, run["run_id"], "train/loss"))) == list(range(1, 301))
-    wait_for(lambda: not queued(), 30, "the job to exit")
+    settled(job_id)
     assert [row[0] for row in sacct(job_id, "State", duplicates=True)] == ["REQUEUED", "COMPLETED"]
     steps = subprocess.run(["sacct", "--noheader", "--parsable2", f"--jobs={job_id}", "--format=JobID,NTasks"],
                            capture_output=True, text=True, check=True).stdout.split()
