@@ -87,5 +87,11 @@ def latest(directory: Path) -> Path | None:
     return path if (path / "state.pt").exists() else None
 
 
+def latest_step(directory: Path) -> int | None:
+    """The step of the newest complete checkpoint, or None."""
+    path = latest(directory)
+    return None if path is None else int(path.name.removeprefix("step_"))
+
+
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     return torch.load(Path(path) / "state.pt", map_location=map_location, weights_only=False)

@@ -44,7 +44,6 @@ def visible_gpus() -> list[int]:
 class SweepProgress:
     """A one-line status: queued, running, finished, failed, with an ETA from finished jobs' durations."""
 
-    total: int
     slots: int
     counts: dict[str, int] = field(default_factory=lambda: {"queued": 0, "running": 0, "finished": 0,
                                                              "failed": 0, "skipped": 0})
@@ -75,7 +74,7 @@ def run_points(points: Sequence[SweepPoint], parent_run_id: str | None, folder: 
     executor = submitit.LocalExecutor(folder=folder)
     outcomes: list[Outcome] = []
     queue = deque()
-    progress = SweepProgress(total=len(points), slots=slots)
+    progress = SweepProgress(slots=slots)
     for point in points:
         if point.config_hash in skip:
             outcomes.append(Outcome(point, "skipped"))

@@ -38,8 +38,8 @@ class SweepPoint:
 
     def finished(self) -> bool:
         """A final checkpoint exists: the point was trained to the end by an earlier sweep."""
-        latest = checkpoint.latest(Path(self.config.train.output_dir))
-        return latest is not None and int(latest.name.split("_")[-1]) >= self.config.train.steps
+        step = checkpoint.latest_step(Path(self.config.train.output_dir))
+        return step is not None and step >= self.config.train.steps
 
 
 class SweepError(ValueError):

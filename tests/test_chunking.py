@@ -74,3 +74,11 @@ def test_unknown_strategy_and_bad_size_name_the_setting():
         boundary_mask(10, "diagonal", 4, layer=0, n_layers=1)
     with pytest.raises(ValueError, match="chunking.size"):
         boundary_mask(10, "uniform", 0, layer=0, n_layers=1)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_is_boundary_agrees_with_the_layout(strategy):
+    from attamba.ops.chunking import is_boundary
+
+    layout = intrinsic_boundaries(9000, strategy, 8, layer=5, n_layers=8, seed=2).tolist()
+    assert [is_boundary(t, strategy, 8, layer=5, n_layers=8, seed=2) for t in range(9000)] == layout

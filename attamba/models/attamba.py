@@ -21,12 +21,7 @@ from attamba.models.layers import apply_rope, merge_heads, split_heads, truncate
 from attamba.models.mamba2 import SSMBlock, SSMState
 from attamba.models.transformer import attend_cached
 from attamba.ops.attention import causal_attention, chunk_attention
-from attamba.ops.chunking import boundary_mask, chunk_starts, intrinsic_boundaries
-
-# Decoding asks "is position t a boundary?" one token at a time; layouts are
-# prefix-consistent, so answer from a table of this granularity.
-_LAYOUT_TABLE = 4096
-
+from attamba.ops.chunking import boundary_mask, chunk_starts, intrinsic_boundaries, is_boundary
 
 @dataclass
 class AttambaCache:
@@ -59,8 +54,7 @@ class ChunkLayout:
         return intrinsic_boundaries(length, self.strategy, *self.args).nonzero().flatten().tolist()
 
     def is_boundary(self, position: int) -> bool:
-        table = -(-(position + 1) // _LAYOUT_TABLE) * _LAYOUT_TABLE
-        return bool(intrinsic_boundaries(table, self.strategy, *self.args)[position])
+        return is_boundary(position, self.strategy, *self.args)
 
 
 class AttambaAttention(nn.Module):

@@ -68,6 +68,17 @@ def intrinsic_boundaries(seq_len: int, strategy: str, size: int, layer: int, n_l
     return torch.from_numpy(_intrinsic(seq_len, strategy, size, layer, n_layers, seed).copy())
 
 
+# Decoding asks "is position t a boundary?" one token at a time; layouts are prefix-consistent,
+# so it is answered from a cached layout of this granularity.
+_LOOKUP_TABLE = 4096
+
+
+def is_boundary(position: int, strategy: str, size: int, layer: int, n_layers: int, seed: int = 0) -> bool:
+    """Whether ``position`` is an intrinsic boundary (the same answer for every sequence containing it)."""
+    table = -(-(position + 1) // _LOOKUP_TABLE) * _LOOKUP_TABLE
+    return bool(_intrinsic(table, strategy, size, layer, n_layers, seed)[position])
+
+
 def boundary_mask(seq_len: int, strategy: str, size: int, layer: int, n_layers: int,
                   seed: int = 0) -> torch.Tensor:
     """Bool[seq_len]: the boundaries of a sequence of this length (token 0 and the last token always)."""

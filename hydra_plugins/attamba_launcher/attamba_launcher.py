@@ -7,6 +7,7 @@ sweep, skip points that already finished, and run the rest through submitit.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -74,8 +75,7 @@ class AttambaLauncher(Launcher):
         parent = start_parent_run(tracking.uri, tracking.experiment, sweep_name, tags={
             "attamba.sweep_key": key, "attamba.sweep_overrides": " ".join(command),
             "attamba.planned_runs": len(distinct), "mlflow.source.git.commit": git_commit() or "unknown"})
-        distinct = [p.__class__(p.index, p.overrides, with_sweep(p.config, sweep_name), p.config_hash)
-                    for p in distinct]
+        distinct = [dataclasses.replace(p, config=with_sweep(p.config, sweep_name)) for p in distinct]
         # finished = trained to the end by an earlier run: a final checkpoint, or a FINISHED run in MLflow
         tracked = find_runs(tracking.uri, tracking.experiment, "attributes.status = 'FINISHED'")
         done = {run["tags"].get("attamba.config_hash") for run in tracked}
