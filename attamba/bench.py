@@ -31,10 +31,11 @@ from attamba.models import build_model
 from attamba.trainer import peak_flops
 
 
-def paper_models(vocab: int, strategy: str, size: int, lead: int) -> dict[str, tuple[ModelConfig, ChunkingConfig]]:
+def paper_models(vocab: int, strategy: str, size: int, lead: int, ssm_impl: str = "auto",
+                 attn_impl: str = "auto") -> dict[str, tuple[ModelConfig, ChunkingConfig]]:
     """The paper's model (dim 512, 8 layers, 8 heads of 64, SSM hidden 256 in 8 heads, state 32)."""
-    ssm = SSMConfig(state_dim=32, hidden=256, heads=8, conv=4)
-    base = ModelConfig(vocab_size=vocab, dim=512, n_layers=8, n_heads=8, ssm=ssm)
+    ssm = SSMConfig(state_dim=32, hidden=256, heads=8, conv=4, impl=ssm_impl)
+    base = ModelConfig(vocab_size=vocab, dim=512, n_layers=8, n_heads=8, ssm=ssm, attn_impl=attn_impl)
     chunking = ChunkingConfig(strategy=strategy, size=size, leading_tokens=lead)
     return {
         "transformer": (dataclasses.replace(base, family="transformer"), ChunkingConfig()),
@@ -57,7 +58,7 @@ def _timed(fn: Callable[[], None], device: torch.device, repeats: int, warmup: i
 
 
 def bench_training(model_cfg: ModelConfig, chunking: ChunkingConfig, context: int, batch: int, steps: int,
-                   warmup: int, compile_model: bool, device: torch.device) -> dict:
+                   warmup: int, compile_model: bool, device: torch.device, profile: int = 0) -> dict:
     torch.manual_seed(0)
     model = build_model(model_cfg, chunking).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -76,7 +77,12 @@ def bench_training(model_cfg: ModelConfig, chunking: ChunkingConfig, context: in
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    compile_start = time.perf_counter()
+    train_step()
+    first_step_s = time.perf_counter() - compile_start
     seconds = _timed(train_step, device, steps, warmup)
+    if profile:
+        _profile(train_step, profile)
     tokens_per_s = batch * context / seconds
     peak = peak_flops(device)
     flops = accounting.flops_per_token(model_cfg, chunking, context, training=True)
@@ -85,9 +91,24 @@ def bench_training(model_cfg: ModelConfig, chunking: ChunkingConfig, context: in
         "step_ms": seconds * 1e3,
         "mfu": flops * tokens_per_s / peak if peak else None,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "first_step_s": first_step_s,
         "params": accounting.param_count(model_cfg),
         "kv_bytes_per_token": accounting.kv_bytes_per_token(model_cfg, chunking, context),
     }
+
+
+def _profile(step: Callable[[], None], rows: int) -> None:
+    """The ``rows`` kernels that take the most device time over two steps, to stderr."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(2):
+            step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(profiler.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=90), file=sys.stderr)
 
 
 def bench_decoding(model_cfg: ModelConfig, chunking: ChunkingConfig, context: int, batch: int, new_tokens: int,
@@ -151,6 +172,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strategy", default="cyclic")
     parser.add_argument("--chunk-size", type=int, default=8)
     parser.add_argument("--leading-tokens", type=int, default=8)
+    parser.add_argument("--ssm-impl", default="auto", help="model.ssm.impl of the Attamba candidate")
+    parser.add_argument("--attn-impl", default="auto", help="model.attn_impl of every model")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="after timing, print the ROWS most expensive kernels of two training steps")
     parser.add_argument("--decode-context", type=int, default=0, help="0 skips decoding")
     parser.add_argument("--decode-batch", type=int, default=16)
     parser.add_argument("--decode-tokens", type=int, default=32)
@@ -161,14 +186,16 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     torch._dynamo.config.recompile_limit = 64
 
-    models = paper_models(args.vocab, args.strategy, args.chunk_size, args.leading_tokens)
+    models = paper_models(args.vocab, args.strategy, args.chunk_size, args.leading_tokens, args.ssm_impl,
+                          args.attn_impl)
     baseline = "transformer"
     rows = []
     for context in args.contexts:
         batch = max(1, args.tokens_per_step // context)
         results = {}
         for name, (cfg, chunking) in models.items():
-            results[name] = bench_training(cfg, chunking, context, batch, args.steps, args.warmup, args.compile, device)
+            results[name] = bench_training(cfg, chunking, context, batch, args.steps, args.warmup, args.compile, device,
+                                           args.profile)
             _progress("training", name, {"context": context, **results[name]})
         for name, result in results.items():
             rows.append({"model": name, "context": context, "batch": batch, **result,
