@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from attamba import accounting
+from attamba import accounting, distributed
 from attamba.config import ChunkingConfig, ModelConfig, SSMConfig
 from attamba.inference import Generator
 from attamba.models import build_model
@@ -95,6 +95,60 @@ def bench_training(model_cfg: ModelConfig, chunking: ChunkingConfig, context: in
         "params": accounting.param_count(model_cfg),
         "kv_bytes_per_token": accounting.kv_bytes_per_token(model_cfg, chunking, context),
     }
+
+
+def learnable_tokens(batch: int, length: int, vocab: int, step: int, seed: int = 0) -> torch.Tensor:
+    """A batch of a fixed random Markov chain (next = perm[token] 90% of the time): loss falls fast.
+
+    Deterministic in (step, seed), so runs with different world sizes see the same global batch.
+    """
+    perm = torch.randperm(vocab, generator=torch.Generator().manual_seed(seed))
+    rng = torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
+    tokens = torch.empty(batch, length, dtype=torch.long)
+    tokens[:, 0] = torch.randint(0, vocab, (batch,), generator=rng)
+    jumps = torch.rand(batch, length, generator=rng) < 0.1
+    noise = torch.randint(0, vocab, (batch, length), generator=rng)
+    for t in range(1, length):
+        tokens[:, t] = torch.where(jumps[:, t], noise[:, t], perm[tokens[:, t - 1]])
+    return tokens
+
+
+def bench_ddp(model_cfg: ModelConfig, chunking: ChunkingConfig, context: int, global_batch: int, steps: int,
+              warmup: int, compile_model: bool, info: distributed.DistInfo, device: torch.device) -> dict:
+    """Data-parallel training as the trainer does it (compile, then DDP): tokens/s and the loss of every step.
+
+    Every rank takes its rows of the same global batch, so a one-process run and an
+    N-process run optimise the same objective and their loss curves can be compared.
+    """
+    if global_batch % info.world_size:
+        raise ValueError(f"--tokens-per-step gives {global_batch} sequences, not divisible by {info.world_size} ranks")
+    torch.manual_seed(0)
+    model = build_model(model_cfg, chunking).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
+    step_model = torch.compile(model) if compile_model else model
+    if info.enabled:
+        step_model = torch.nn.parallel.DistributedDataParallel(
+            step_model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    losses = []
+    batches = [learnable_tokens(global_batch, context + 1, model_cfg.vocab_size, step)[info.rank::info.world_size]
+               .to(device) for step in range(warmup + steps)]  # made up front: the timed loop only trains
+
+    def train_step(step: int) -> None:
+        tokens = batches[step]
+        with autocast:
+            logits = step_model(tokens[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(distributed.all_reduce_mean(loss.detach(), info))
+
+    for step in range(warmup):
+        train_step(step)
+    seconds = _timed(lambda: train_step(len(losses)), device, steps, warmup=0)
+    return {"world_size": info.world_size, "tokens_per_s": global_batch * context / seconds,
+            "step_ms": seconds * 1e3, "losses": [float(loss) for loss in losses]}
 
 
 def _profile(step: Callable[[], None], rows: int) -> None:
@@ -180,6 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decode-batch", type=int, default=16)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--attention", type=int, nargs="*", default=[], help="contexts for the attention-only bench")
+    parser.add_argument("--ddp", action="store_true",
+                        help="data-parallel training under torchrun (one process per GPU): tokens/s and per-step "
+                             "losses of the Attamba model, to compare with a one-process run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -188,6 +245,8 @@ def main(argv: list[str] | None = None) -> None:
 
     models = paper_models(args.vocab, args.strategy, args.chunk_size, args.leading_tokens, args.ssm_impl,
                           args.attn_impl)
+    if args.ddp:
+        return _main_ddp(args, models)
     baseline = "transformer"
     rows = []
     for context in args.contexts:
@@ -228,6 +287,28 @@ def main(argv: list[str] | None = None) -> None:
                                             "decode_ratio", "cache_bytes", "cache_ratio"]))
     if attention_rows:
         print("\n" + markdown(attention_rows, ["context", "chunk_ms", "causal_flash_ms", "speedup"]))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+def _main_ddp(args: argparse.Namespace, models: dict) -> None:
+    info = distributed.detect()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    distributed.init(info, device)
+    name = next(name for name in models if name != "transformer")
+    cfg, chunking = models[name]
+    context = args.contexts[0]
+    result = bench_ddp(cfg, chunking, context, max(1, args.tokens_per_step // context), args.steps, args.warmup,
+                       args.compile, info, device)
+    distributed.shutdown()
+    if not info.is_main:
+        return
+    report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": _device_name(device),
+              "model": name, "context": context, **result}
+    print(json.dumps(report))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
 

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 FAMILIES = ("attamba", "transformer", "mamba2")
 STRATEGIES = ("uniform", "cyclic", "random", "pseudo")
-SSM_IMPLS = ("auto", "reference", "blockdiag", "ssd", "triton")
+SSM_IMPLS = ("auto", "reference", "blockdiag", "ssd", "triton", "tiled")
 ATTN_IMPLS = ("auto", "reference", "flex")
 INIT_DEPTHS = ("none", "current", "global")
 MATCH_TARGETS = ("kv_cache", "flops", "params")
@@ -46,7 +46,7 @@ class SSMConfig:
     a_max: float = 2.0
     dt_min: float = 0.001
     dt_max: float = 0.1
-    impl: str = "auto"  # auto | reference | blockdiag | ssd | triton
+    impl: str = "auto"  # auto | reference | blockdiag | ssd | triton | tiled
 
     def __post_init__(self) -> None:
         _require_positive(self.state_dim, "model.ssm.state_dim")

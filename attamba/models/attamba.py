@@ -20,8 +20,9 @@ from attamba.config import ChunkingConfig, ModelConfig
 from attamba.models.layers import apply_rope, merge_heads, split_heads, truncated_normal_
 from attamba.models.mamba2 import SSMBlock, SSMState
 from attamba.models.transformer import attend_cached
-from attamba.ops.attention import causal_attention, chunk_attention
+from attamba.ops.attention import ChunkMask, attend_chunks, causal_attention, chunk_mask
 from attamba.ops.chunking import boundary_mask, chunk_starts, intrinsic_boundaries, is_boundary
+from attamba.ops.ssm import ScanPlan, plan_scan
 
 @dataclass
 class AttambaCache:
@@ -35,20 +36,32 @@ class AttambaCache:
     ssm: SSMState
 
 
+@dataclass(frozen=True)
+class AttambaPlan:
+    """One layer's layout for one sequence length, prepared on the host for its forward."""
+
+    scan: ScanPlan  # where the K/V SSMs reset (and which scan kernel runs)
+    mask: ChunkMask | None  # which keys each query sees (None: pseudo chunking attends causally)
+
+
 class ChunkLayout:
-    """The boundary layout of one layer (see :mod:`attamba.ops.chunking`), cached per length/device."""
+    """The boundary layout of one layer (see :mod:`attamba.ops.chunking`)."""
 
-    def __init__(self, chunking: ChunkingConfig, layer: int, n_layers: int):
+    def __init__(self, chunking: ChunkingConfig, layer: int, n_layers: int, ssm_impl: str, attn_impl: str):
+        self.pseudo = chunking.strategy == "pseudo"
         # pseudo chunking compresses like uniform but attends to every token
-        self.strategy = "uniform" if chunking.strategy == "pseudo" else chunking.strategy
+        self.strategy = "uniform" if self.pseudo else chunking.strategy
         self.args = (chunking.size, layer, n_layers, chunking.seed)
+        self.lead = chunking.leading_tokens
+        self.impls = (ssm_impl, attn_impl)
 
-    @torch.compiler.disable  # host-side layout bookkeeping; the kernels that use it stay compiled
     @lru_cache(maxsize=16)
-    def boundaries(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(boundary, chunk_start) bool masks for a sequence of ``length`` tokens."""
+    def plan(self, length: int, device: torch.device) -> AttambaPlan:
+        """The layout of a sequence of ``length`` tokens, made ready for the SSM and attention kernels."""
         boundary = boundary_mask(length, self.strategy, *self.args)
-        return boundary.to(device), chunk_starts(boundary).to(device)
+        ssm_impl, attn_impl = self.impls
+        scan = plan_scan(chunk_starts(boundary), device, ssm_impl)
+        return AttambaPlan(scan, None if self.pseudo else chunk_mask(boundary, self.lead, device, attn_impl))
 
     def intrinsic_positions(self, length: int) -> list[int]:
         return intrinsic_boundaries(length, self.strategy, *self.args).nonzero().flatten().tolist()
@@ -64,7 +77,7 @@ class AttambaAttention(nn.Module):
         self.lead = chunking.leading_tokens
         self.pseudo = chunking.strategy == "pseudo"
         self.ring = 0 if self.pseudo else self.lead  # pseudo caches every key, so needs no ring
-        self.layout = ChunkLayout(chunking, layer, config.n_layers)
+        self.layout = ChunkLayout(chunking, layer, config.n_layers, config.ssm.impl, config.attn_impl)
         self.n_heads = config.n_heads
         self.wq = nn.Linear(config.dim, config.dim, bias=False)
         self.wo = nn.Linear(config.dim, config.dim, bias=False)
@@ -92,26 +105,28 @@ class AttambaAttention(nn.Module):
         k, v = kv.unbind(-2)
         return apply_rope(split_heads(k, self.n_heads), rope), split_heads(v, self.n_heads)
 
-    def _attend(self, q, k, v, boundary):
-        if self.pseudo:
+    def _attend(self, q, k, v, plan: AttambaPlan):
+        if plan.mask is None:
             return causal_attention(q, k, v, impl=self.config.attn_impl)
-        return chunk_attention(q, k, v, boundary, self.lead, impl=self.config.attn_impl)
+        return attend_chunks(q, k, v, plan.mask)
 
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        boundary, starts = self.layout.boundaries(x.shape[1], x.device)
+    def plan(self, length: int, device: torch.device) -> AttambaPlan:
+        return self.layout.plan(length, device)
+
+    def forward(self, x: torch.Tensor, rope, plan: AttambaPlan) -> torch.Tensor:
         q = apply_rope(split_heads(self.wq(x), self.n_heads), rope)
         u = self._ssm_input(x)
-        k, v = self._keys_values(u, self.kv_ssm(u, starts), rope)
-        return self.wo(merge_heads(self._attend(q, k, v, boundary)))
+        k, v = self._keys_values(u, self.kv_ssm(u, plan.scan), rope)
+        return self.wo(merge_heads(self._attend(q, k, v, plan)))
 
     def prefill(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, AttambaCache]:
         length = x.shape[1]
-        boundary, starts = self.layout.boundaries(length, x.device)
+        plan = self.plan(length, x.device)
         q = apply_rope(split_heads(self.wq(x), self.n_heads), rope)
         u = self._ssm_input(x)
-        kv, ssm_state = self.kv_ssm(u, starts, return_state=True)
+        kv, ssm_state = self.kv_ssm(u, plan.scan, return_state=True)
         k, v = self._keys_values(u, kv, rope)
-        out = self.wo(merge_heads(self._attend(q, k, v, boundary)))
+        out = self.wo(merge_heads(self._attend(q, k, v, plan)))
         if self.layout.is_boundary(length - 1):  # the next token opens a new chunk
             ssm_state.reset_()
         cache = self._initial_cache(k, v, length, ssm_state)

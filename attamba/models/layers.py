@@ -94,8 +94,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn = FeedForward(config.dim, config.ffn_dim)
 
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), rope)
+    def forward(self, x: torch.Tensor, rope, plan: Any) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), rope, plan)
         return x + self.ffn(self.ffn_norm(x))
 
     def prefill(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, Any]:
@@ -146,11 +146,17 @@ class LanguageModel(nn.Module):
             return None
         return rope_tables(positions, self.rope_dim, self.config.rope_theta)
 
+    @torch.compiler.disable  # host-side and cached: a compiled forward breaks its graph here only
+    def plans(self, length: int, device: torch.device) -> list[Any]:
+        """Each mixer's prepared layout for ``length`` tokens (chunk boundaries, masks, scan kernels)."""
+        return [block.mixer.plan(length, device) for block in self.layers]
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        plans = self.plans(tokens.shape[1], tokens.device)
         rope = self._rope(torch.arange(tokens.shape[1], device=tokens.device))
         x = self.tok_embeddings(tokens)
-        for block in self.layers:
-            x = block(x, rope)
+        for block, plan in zip(self.layers, plans):
+            x = block(x, rope, plan)
         return self.output(self.norm(x))
 
     def prefill(self, tokens: torch.Tensor, all_logits: bool = True) -> tuple[torch.Tensor, list[Any]]:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from attamba.config import ModelConfig, SSMConfig
 from attamba.models.layers import truncated_normal_
 from attamba.ops.conv import chunked_causal_conv, conv_step
-from attamba.ops.ssm import chunk_scan, ssm_step
+from attamba.ops.ssm import ScanPlan, plan_scan, scan, ssm_step
 
 
 @dataclass
@@ -101,21 +101,21 @@ class SSMBlock(nn.Module):
         gated = (gated * self.norm_weight.float()).type_as(z)
         return torch.einsum("...sh,soh->...so", gated, self.out_proj)
 
-    def forward(self, u: torch.Tensor, chunk_start: torch.Tensor, return_state: bool = False):
+    def forward(self, u: torch.Tensor, plan: ScanPlan, return_state: bool = False):
+        """``plan`` (from :func:`attamba.ops.ssm.plan_scan`) says where the state resets."""
         b, L = u.shape[:2]
         z, xbc, dt = self._split(self._project(u))
         raw_xbc = xbc
         if self.cfg.conv > 0:
-            xbc = chunked_causal_conv(xbc.flatten(-2), self.conv_weight, self.conv_bias, chunk_start)
+            xbc = chunked_causal_conv(xbc.flatten(-2), self.conv_weight, self.conv_bias, plan.chunk_start)
             xbc = xbc.unflatten(-1, (self.streams, self.conv_width))
         x, dt, A, B, C = self._scan_inputs(xbc, dt)
-        scanned = chunk_scan(x, dt, A, B, C, chunk_start, D=self.D.float(), impl=self.cfg.impl,
-                             return_final_state=return_state)
+        scanned = scan(x, dt, A, B, C, plan, D=self.D.float(), return_final_state=return_state)
         y, final_state = scanned if return_state else (scanned, None)
         out = self._output(y.reshape(b, L, self.streams, self.cfg.hidden), z)
         if not return_state:
             return out
-        return out, SSMState(conv=self._conv_window(raw_xbc, chunk_start), ssm=final_state)
+        return out, SSMState(conv=self._conv_window(raw_xbc, plan.chunk_start), ssm=final_state)
 
     def _conv_window(self, raw_xbc: torch.Tensor, chunk_start: torch.Tensor) -> torch.Tensor | None:
         """The last conv-1 inputs of the chunk in progress (zeros where they precede its start)."""
@@ -161,17 +161,16 @@ class Mamba2Mixer(nn.Module):
     def reset_parameters(self, std: float, depth_factor: float) -> None:
         self.ssm.reset_parameters(std, depth_factor)
 
-    @staticmethod
-    def _starts(length: int, device: torch.device) -> torch.Tensor:
-        starts = torch.zeros(length, dtype=torch.bool, device=device)
+    def plan(self, length: int, device: torch.device) -> ScanPlan:
+        starts = torch.zeros(length, dtype=torch.bool)
         starts[0] = True
-        return starts
+        return plan_scan(starts, device, self.ssm.cfg.impl)
 
-    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
-        return self.ssm(x, self._starts(x.shape[1], x.device)).squeeze(-2)
+    def forward(self, x: torch.Tensor, rope, plan: ScanPlan) -> torch.Tensor:
+        return self.ssm(x, plan).squeeze(-2)
 
     def prefill(self, x: torch.Tensor, rope=None) -> tuple[torch.Tensor, SSMState]:
-        out, state = self.ssm(x, self._starts(x.shape[1], x.device), return_state=True)
+        out, state = self.ssm(x, self.plan(x.shape[1], x.device), return_state=True)
         return out.squeeze(-2), state
 
     def step(self, x: torch.Tensor, rope, position: int, state: SSMState) -> tuple[torch.Tensor, SSMState]:

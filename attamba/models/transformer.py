@@ -47,7 +47,11 @@ class Attention(nn.Module):
         v = split_heads(self.wv(x), self.kv_heads)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+    def plan(self, length: int, device: torch.device) -> None:
+        """Full and sliding-window attention need no prepared layout."""
+        return None
+
+    def forward(self, x: torch.Tensor, rope, plan: None = None) -> torch.Tensor:
         q, k, v = self._qkv(x, rope)
         out = causal_attention(q, k, v, window=self.config.window, impl=self.config.attn_impl)
         return self.wo(merge_heads(out))

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
-from torch.utils.weak import WeakIdKeyDictionary
 
 from attamba.config import ATTN_IMPLS
 
@@ -81,16 +80,49 @@ def chunk_attention(
     ``impl``: ``"reference"`` = SDPA with the dense mask (CPU/CUDA, the oracle);
     ``"flex"`` = FlexAttention over ``[gathered boundary keys | all keys]``, no
     ``L x L`` mask (CUDA; forward-only on CPU); ``"auto"`` = flex on CUDA, else reference.
+    Models prepare the mask once with :func:`chunk_mask` and call :func:`attend_chunks`.
     """
     _check_qkv(q, k, v)
-    _check_leading_tokens(leading_tokens)
     if boundary.shape != (q.shape[2],) or boundary.dtype != torch.bool:
         raise ValueError(f"boundary: expected a bool tensor of shape ({q.shape[2]},) (the sequence length), "
                          f"got {boundary.dtype} {tuple(boundary.shape)}")
-    if _resolve_impl(impl, q.device, q.shape[-1]) == "flex":
-        return _chunk_flex(q, k, v, boundary, leading_tokens)
-    mask = boundary_mask(boundary.to(q.device), leading_tokens)
-    return _sdpa(q, k, v, attn_mask=mask)
+    return attend_chunks(q, k, v, chunk_mask(boundary, leading_tokens, q.device, impl))
+
+
+@dataclass(frozen=True)
+class ChunkMask:
+    """Attamba's mask for one (boundary layout, leading tokens, device), ready to attend with.
+
+    Built on the host once (:func:`chunk_mask`, cached by the layout's contents), so that
+    compiled forwards only read its tensors and constants.
+    """
+
+    boundary: torch.Tensor  # bool [L] on the device
+    leading_tokens: int
+    impl: str  # "reference" or "flex"
+    key_index: torch.Tensor | None = None  # flex: source token of every key in [gathered | raw]
+    block_mask: BlockMask | None = None  # flex: the sparse block mask over those keys
+
+
+def chunk_mask(boundary: torch.Tensor, leading_tokens: int, device: torch.device | str, impl: str = "auto") -> ChunkMask:
+    """The (cached) :class:`ChunkMask` of a bool ``[L]`` boundary layout on ``device``."""
+    _check_leading_tokens(leading_tokens)
+    device = torch.device(device)
+    resolved = _resolve_impl(impl, device, _FLEX_MIN_HEAD_DIM)
+    contents = boundary.detach().to("cpu", torch.bool).numpy().tobytes()
+    return _build_chunk_mask(contents, leading_tokens, device, resolved)
+
+
+def attend_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: ChunkMask) -> torch.Tensor:
+    """Attamba attention under a prepared :class:`ChunkMask` (no host work: safe to compile)."""
+    _check_qkv(q, k, v)
+    if mask.impl == "flex" and q.shape[-1] >= _FLEX_MIN_HEAD_DIM:
+        # One gather builds [gathered boundary keys | all keys]; its backward
+        # scatter-adds into k and v, so boundary tokens get both gradients.
+        keys = k.index_select(2, mask.key_index)
+        values = v.index_select(2, mask.key_index)
+        return _flex(q, keys, values, mask.block_mask)
+    return _sdpa(q, k, v, attn_mask=boundary_mask(mask.boundary, mask.leading_tokens))
 
 
 def causal_attention(
@@ -209,45 +241,12 @@ def _window_block_mask(length: int, window: int, device: torch.device) -> BlockM
 # Chunk attention through FlexAttention
 
 
-@dataclass(frozen=True)
-class _ChunkLayout:
-    """What the flex path needs for one (boundary layout, lead, device)."""
-
-    key_index: torch.Tensor  # [n_gathered + L] long: source token of every key in [gathered | raw]
-    block_mask: BlockMask
-
-
-# Layer layouts are passed as the same tensor every step: remembering them by
-# identity (and version, in case one is edited in place) spares the host sync
-# that reading a CUDA tensor's contents costs.
-_LAYOUT_BY_TENSOR: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def _chunk_flex(q, k, v, boundary: torch.Tensor, leading_tokens: int) -> torch.Tensor:
-    layout = _chunk_layout(boundary, leading_tokens, q.device)
-    # One gather builds [gathered boundary keys | all keys]; its backward
-    # scatter-adds into k and v, so boundary tokens get both gradients.
-    keys = k.index_select(2, layout.key_index)
-    values = v.index_select(2, layout.key_index)
-    return _flex(q, keys, values, layout.block_mask)
-
-
-def _chunk_layout(boundary: torch.Tensor, leading_tokens: int, device: torch.device) -> _ChunkLayout:
-    """The cached flex layout of ``boundary``: by tensor identity first, else by contents."""
-    remembered = _LAYOUT_BY_TENSOR.get(boundary)
-    tag = (boundary._version, leading_tokens, device)
-    if remembered is not None and remembered[0] == tag:
-        return remembered[1]
-    contents = boundary.detach().to("cpu", torch.bool).numpy().tobytes()
-    layout = _build_chunk_layout(contents, leading_tokens, device)
-    _LAYOUT_BY_TENSOR[boundary] = (tag, layout)
-    return layout
-
-
 @functools.lru_cache(maxsize=128)
-def _build_chunk_layout(contents: bytes, leading_tokens: int, device: torch.device) -> _ChunkLayout:
-    """Gather index and block mask for the layout whose bool bytes are ``contents``."""
+def _build_chunk_mask(contents: bytes, leading_tokens: int, device: torch.device, impl: str) -> ChunkMask:
+    """The mask of the layout whose bool bytes are ``contents``; for flex, its gather index and block mask."""
     boundary = torch.frombuffer(bytearray(contents), dtype=torch.bool)
+    if impl != "flex":
+        return ChunkMask(boundary.to(device), leading_tokens, impl)
     length = boundary.shape[0]
     positions = torch.arange(length)
     boundaries = boundary.nonzero().flatten()
@@ -262,9 +261,10 @@ def _build_chunk_layout(contents: bytes, leading_tokens: int, device: torch.devi
 
     # Index arithmetic instead of loading each key's position: the forward
     # kernel runs 4-7x faster (H200, L = 16K and 64K).
-    def chunk_mask(b, h, q_idx, kv_idx):
+    def visible(b, h, q_idx, kv_idx):
         raw = kv_idx - n_gathered  # token position of a raw key
         in_band = (raw >= q_idx - leading_tokens) & (raw <= q_idx)
         return torch.where(kv_idx < n_gathered, kv_idx < n_visible[q_idx], in_band)
 
-    return _ChunkLayout(key_index, _block_mask(chunk_mask, length, n_gathered + length, device))
+    block_mask = _block_mask(visible, length, n_gathered + length, device)
+    return ChunkMask(boundary.to(device), leading_tokens, impl, key_index, block_mask)

@@ -33,10 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IMPLS = ("auto", "reference", "blockdiag", "ssd", "triton")
+IMPLS = ("auto", "reference", "blockdiag", "ssd", "triton", "tiled")
 BLOCKDIAG_MAX_CHUNK = 64  # longest chunk `auto` sends to the block-diagonal path
 SSD_BLOCK = 64  # internal block length of the plain-PyTorch SSD
 TRITON_BLOCK = 64  # chunk_size handed to mamba_ssm's kernels
+TILE = 64  # tokens per tile of the `tiled` kernel: whole chunks packed together
 
 ScanResult = tuple[Tensor, Optional[Tensor]]
 
@@ -62,19 +63,45 @@ def chunk_scan(
     D: [h] or None (skip: y += D * x); chunk_start: bool [L] (token 0 always starts a chunk).
     Returns y [b, L, h, p] in x's dtype, or (y, final_state [b, h, p, n], fp32) if
     return_final_state: the state after token L-1, accumulated since the last chunk start.
-    Everything is computed in fp32 (autocast is switched off inside); the triton path feeds
-    x, B, C to the kernels in their own dtype, which accumulate in fp32.
+
+    The layout is analysed on the host (cached by its contents); models call
+    :func:`plan_scan` once per layer and sequence length and :func:`scan` in their
+    forward, which keeps that host work out of compiled graphs.
     """
-    _check_scan_inputs(x, dt, A, B, C, chunk_start, D)
-    chosen = select_impl(x.device, chunk_start, impl)
-    chunk_start = chunk_start.to(x.device)
+    return scan(x, dt, A, B, C, plan_scan(chunk_start, x.device, impl), D, return_final_state)
+
+
+def scan(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    plan: "ScanPlan",
+    D: Optional[Tensor] = None,
+    return_final_state: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`chunk_scan` over a layout prepared by :func:`plan_scan` (no host work: safe to compile).
+
+    The PyTorch paths compute in fp32 (autocast is switched off inside); the Triton paths
+    feed x, B, C to their kernels in their own dtype and accumulate in fp32.
+    """
+    _check_scan_inputs(x, dt, A, B, C, plan.chunk_start, D)
+    impl = plan.impl
+    if impl == "tiled" and (return_final_state or (plan.requested == "auto" and not tiled_shapes(x, B))):
+        impl = "blockdiag"  # the fused kernel keeps no state (prefill) and needs power-of-two widths
     with torch.autocast(x.device.type, enabled=False):
-        if chosen == "triton":
-            y, state = _triton_scan(x, dt, A, B, C, chunk_start, return_final_state)
+        if impl == "tiled":
+            from attamba.ops.ssm_triton import chunk_local_ssd
+
+            y = chunk_local_ssd(x, dt.float(), A.float(), B.to(x.dtype), C.to(x.dtype),
+                                None if D is None else D.float(), plan.tiles)
+            return y.to(x.dtype)
+        if impl == "triton":
+            y, state = _triton_scan(x, dt, A, B, C, plan.chunk_start, return_final_state)
         else:
-            scan = _TORCH_SCANS[chosen]
-            y, state = scan(x.float(), dt.float(), A.float(), B.float(), C.float(), chunk_start,
-                            return_final_state)
+            y, state = _TORCH_SCANS[impl](x.float(), dt.float(), A.float(), B.float(), C.float(), plan,
+                                          return_final_state)
         if D is not None:
             y = y.float() + D.float()[:, None] * x.float()
     y = y.to(x.dtype)
@@ -103,25 +130,30 @@ def ssm_step(
 
 
 def select_impl(
-    device: torch.device | str, chunk_start: Tensor, impl: str = "auto", *, triton: Optional[bool] = None
+    device: torch.device | str, chunk_start: Tensor, impl: str = "auto", *, triton: Optional[bool] = None,
+    tiled: Optional[bool] = None,
 ) -> str:
     """The scan implementation `chunk_scan` runs for this device, layout and requested `impl`.
 
-    `auto` picks mamba_ssm's Triton kernels on CUDA for long chunks (> BLOCKDIAG_MAX_CHUNK) or
-    when nothing resets after token 0 (a pure SSM LM), else `blockdiag` when every chunk is
-    short, else `ssd`. `triton` says whether the Triton kernels are usable; None detects it
-    (CUDA device and mamba_ssm importable). An explicit impl is returned as is.
+    `auto` on CUDA picks our fused `tiled` kernel when every chunk is short (<= TILE tokens)
+    and some chunk resets, else mamba_ssm's Triton kernels for long chunks or no resets at all
+    (a pure SSM LM); elsewhere, or without those kernels, `blockdiag` when every chunk is short
+    (<= BLOCKDIAG_MAX_CHUNK), else `ssd`. `triton` and `tiled` say whether mamba_ssm's and our
+    Triton kernels can run; None detects it. An explicit impl is returned as is.
     """
     if impl not in IMPLS:
         raise ValueError(f"model.ssm.impl: got {impl!r}, allowed values are {', '.join(IMPLS)}")
     if impl != "auto":
         return impl
     device = torch.device(device)
-    if triton is None:
-        triton = device.type == "cuda" and triton_available()
+    on_cuda = device.type == "cuda"
+    triton = on_cuda and (triton_available() if triton is None else triton)
+    tiled = on_cuda and (tiled_available() if tiled is None else tiled)
     layout = chunk_layout(chunk_start, "cpu")  # only its sizes are needed here
+    if tiled and layout.resets and layout.max_len <= TILE:
+        return "tiled"
     short = layout.max_len <= BLOCKDIAG_MAX_CHUNK
-    if triton and device.type == "cuda" and (not short or not layout.resets):
+    if triton and (not short or not layout.resets):
         return "triton"
     return "blockdiag" if short else "ssd"
 
@@ -131,7 +163,17 @@ def triton_available() -> bool:
     return torch.cuda.is_available() and _load_triton_kernel()[0] is not None
 
 
-# ----------------------------------------------------------------------------- chunk layout
+def tiled_available() -> bool:
+    """Whether our fused short-chunk kernel can run here (a CUDA device and an importable triton)."""
+    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+
+
+def tiled_shapes(x: Tensor, B: Tensor) -> bool:
+    """Whether the `tiled` kernel takes these widths (head and state widths powers of two >= 16)."""
+    return all(width >= 16 and width & (width - 1) == 0 for width in (x.shape[-1], B.shape[-1]))
+
+
+# ----------------------------------------------------------------------------- layouts and plans
 
 
 @dataclass(frozen=True)
@@ -150,20 +192,61 @@ class ChunkLayout:
     scatter: Tensor
 
 
-@torch.compiler.disable
-def chunk_layout(chunk_start: Tensor, device: torch.device | str) -> ChunkLayout:
-    """The (cached) layout of `chunk_start` on `device`.
+@dataclass(frozen=True)
+class ScanPlan:
+    """One layout made ready for :func:`scan` on one device: the host work done once.
 
-    Reading the layout is a host sync when chunk_start lives on the GPU; keep it on the CPU to
-    avoid that. The cache key is the layout's bytes, so equal layouts share index tensors.
+    A model builds its plans outside the compiled region (they are cached by the layout's
+    contents), so the compiled forward only reads tensors and Python constants from them.
     """
+
+    impl: str  # the implementation `scan` runs (never "auto")
+    requested: str  # model.ssm.impl as asked: under "auto", shapes `tiled` cannot take fall back
+    chunk_start: Tensor  # bool [L] on the device
+    layout: ChunkLayout  # the padded grid of the `blockdiag` path
+    tiles: Optional["TileTable"]  # the `tiled` kernel's token ranges (None unless impl == "tiled")
+
+
+def plan_scan(chunk_start: Tensor, device: torch.device | str, impl: str = "auto") -> ScanPlan:
+    """The (cached) :class:`ScanPlan` of `chunk_start` on `device` for the requested `impl`.
+
+    Reading the layout is a host sync when chunk_start lives on the GPU; keep it on the CPU.
+    """
+    if chunk_start.dim() != 1 or chunk_start.dtype != torch.bool:
+        raise ValueError(f"chunk_scan: chunk_start must be a 1-d bool tensor, "
+                         f"got {chunk_start.dtype} {tuple(chunk_start.shape)}")
+    key = chunk_start.detach().to("cpu").numpy().tobytes()
+    return _plan_from_bytes(key, torch.device(device), impl)
+
+
+@functools.lru_cache(maxsize=128)
+def _plan_from_bytes(key: bytes, device: torch.device, impl: str) -> ScanPlan:
+    chosen = select_impl(device, _bool_tensor(key), impl)
+    tiles = None
+    if chosen == "tiled":
+        from attamba.ops.ssm_triton import tile_table
+
+        tiles = tile_table(_bool_tensor(key), TILE)
+        if tiles is None:
+            raise ValueError(f"model.ssm.impl='tiled' needs every chunk to be at most {TILE} tokens; "
+                             f"use model.ssm.impl=auto")
+        tiles = tiles.to(device)
+    return ScanPlan(chosen, impl, _bool_tensor(key).to(device), _layout_from_bytes(key, device), tiles)
+
+
+def chunk_layout(chunk_start: Tensor, device: torch.device | str) -> ChunkLayout:
+    """The (cached) grid layout of `chunk_start` on `device` (cache key: the layout's bytes)."""
     key = chunk_start.detach().to("cpu", torch.bool).numpy().tobytes()
     return _layout_from_bytes(key, torch.device(device))
 
 
+def _bool_tensor(key: bytes) -> Tensor:
+    return torch.from_numpy(np.frombuffer(key, dtype=np.bool_).copy())
+
+
 @functools.lru_cache(maxsize=128)
 def _layout_from_bytes(key: bytes, device: torch.device) -> ChunkLayout:
-    is_start = torch.from_numpy(np.frombuffer(key, dtype=np.bool_).copy())
+    is_start = _bool_tensor(key)
     is_start[0] = True
     length = is_start.numel()
     starts = is_start.nonzero().flatten()
@@ -180,8 +263,9 @@ def _layout_from_bytes(key: bytes, device: torch.device) -> ChunkLayout:
 # ----------------------------------------------------------------------------- reference
 
 
-def _reference_scan(x, dt, A, B, C, chunk_start, want_state: bool) -> ScanResult:
+def _reference_scan(x, dt, A, B, C, plan: ScanPlan, want_state: bool) -> ScanResult:
     """The recurrence one token at a time: the oracle the fast paths are tested against."""
+    chunk_start = plan.chunk_start
     b, _, h, p = x.shape
     state = x.new_zeros(b, h, p, B.shape[-1])
     ys = []
@@ -242,14 +326,14 @@ def _block_states(xdt: Tensor, B: Tensor, decay: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- blockdiag
 
 
-def _blockdiag_scan(x, dt, A, B, C, chunk_start, want_state: bool) -> ScanResult:
+def _blockdiag_scan(x, dt, A, B, C, plan: ScanPlan, want_state: bool) -> ScanResult:
     """Short chunks: one decay-masked matmul per chunk of a padded [n_chunks, max_len] grid.
 
     Padding slots hold a zero token (dt = 0: no decay, no input) after each chunk's real
     tokens, so they change neither the outputs nor the chunk's final state.
     """
     b, length, h, p = x.shape
-    layout = chunk_layout(chunk_start, x.device)
+    layout = plan.layout
     xdt, log_decay = _split_heads(x, dt, A, B.shape[2])
 
     def to_grid(t: Tensor) -> Tensor:  # [b, L, ...] -> [b, n_chunks, max_len, ...]
@@ -270,7 +354,7 @@ def _blockdiag_scan(x, dt, A, B, C, chunk_start, want_state: bool) -> ScanResult
 # ----------------------------------------------------------------------------- ssd
 
 
-def _ssd_scan(x, dt, A, B, C, chunk_start, want_state: bool) -> ScanResult:
+def _ssd_scan(x, dt, A, B, C, plan: ScanPlan, want_state: bool) -> ScanResult:
     """Chunked SSD over fixed blocks for any layout (long chunks, or no resets at all).
 
     Within a block: the quadratic form, masked to pairs of the same chunk. Across blocks: the
@@ -287,7 +371,7 @@ def _ssd_scan(x, dt, A, B, C, chunk_start, want_state: bool) -> ScanResult:
         F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)).unflatten(1, (n_blocks, block))
         for t in (xdt, log_decay, B, C)
     )
-    starts = F.pad(chunk_start, (0, pad)).view(n_blocks, block)
+    starts = F.pad(plan.chunk_start, (0, pad)).view(n_blocks, block)
     chunk_id = starts.flatten().cumsum(0).view(n_blocks, block)
 
     causal = torch.ones(block, block, dtype=torch.bool, device=x.device).tril()

@@ -1,0 +1,58 @@
+"""attamba-bench end to end on the CPU: the table, the JSON report, and data-parallel loss matching."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from attamba.bench import learnable_tokens, main
+
+TINY = ["--device", "cpu", "--vocab", "256", "--steps", "1", "--warmup", "0"]
+
+
+def test_training_and_decoding_are_reported_with_ratios_to_the_transformer(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    main([*TINY, "--contexts", "64", "--tokens-per-step", "128", "--decode-context", "32", "--decode-batch", "2",
+          "--decode-tokens", "2", "--out", str(out)])
+    table = capsys.readouterr().out
+    assert "| transformer | 64 | 2 |" in table and "| attamba-cyclic-P8 | 64 | 2 |" in table
+    report = json.loads(out.read_text())
+    training = {row["model"]: row for row in report["training"]}
+    assert training["transformer"]["speed_ratio"] == 1.0
+    assert training["attamba-cyclic-P8"]["tokens_per_s"] > 0
+    assert training["attamba-cyclic-P8"]["kv_bytes_per_token"] < training["transformer"]["kv_bytes_per_token"]
+    decoding = {row["model"]: row for row in report["decoding"]}
+    assert decoding["attamba-cyclic-P8"]["cache_ratio"] < 1.0
+
+
+def test_learnable_tokens_are_deterministic_per_step():
+    first = learnable_tokens(4, 32, 100, step=3)
+    assert torch.equal(first, learnable_tokens(4, 32, 100, step=3))
+    assert not torch.equal(first, learnable_tokens(4, 32, 100, step=4))
+    assert first.min() >= 0 and first.max() < 100
+
+
+def _ddp_losses(tmp_path: Path, processes: int) -> list[float]:
+    out = tmp_path / f"ddp{processes}.json"
+    args = ["--ddp", *TINY, "--steps", "2", "--contexts", "32", "--tokens-per-step", "128", "--out", str(out)]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                "--master_port", str(29600 + processes)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*launcher, "-m", "attamba.bench", *args], check=True, env=env, timeout=300,
+                   capture_output=True)
+    report = json.loads(out.read_text())
+    assert report["world_size"] == processes
+    return report["losses"]
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_losses_match_one_process(tmp_path):
+    one, two = _ddp_losses(tmp_path, 1), _ddp_losses(tmp_path, 2)
+    assert len(one) == len(two) == 2
+    assert one == pytest.approx(two, rel=1e-5)  # fp32 on the CPU: only the reduction order differs
