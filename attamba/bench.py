@@ -166,17 +166,32 @@ def _profile(step: Callable[[], None], rows: int) -> None:
 
 
 def bench_decoding(model_cfg: ModelConfig, chunking: ChunkingConfig, context: int, batch: int, new_tokens: int,
-                   device: torch.device) -> dict:
+                   device: torch.device, cuda_graph: bool = False, compile_step: bool | str = False) -> dict:
+    """Tokens/s of ``new_tokens`` cached steps after a ``context``-token prompt, and the cache they hold.
+
+    Every family runs the same :class:`Generator` options (static caches, one CUDA graph per
+    step, torch.compile), so no baseline is handicapped. Each step reads every allocated cache
+    slot, so ``cache_read_tb_s`` near the HBM bandwidth says a step is as fast as its cache
+    allows. ``setup_s`` is the prefill plus the graph capture (and the compilation, if any).
+    """
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(model_cfg, chunking).to(device=device, dtype=dtype).eval()
-    generator = Generator(model)
+    warmup = 2
+    generator = Generator(model, capacity=context + warmup + new_tokens, cuda_graph=cuda_graph,
+                          compile_step=compile_step)
     prompt = torch.randint(0, model_cfg.vocab_size, (batch, context), device=device)
+    setup_start = time.perf_counter()
     generator.prefill(prompt, all_logits=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    setup_s = time.perf_counter() - setup_start
     token = prompt[:, -1:]
-    seconds = _timed(lambda: generator.step(token), device, new_tokens, warmup=2)
+    seconds = _timed(lambda: generator.step(token), device, new_tokens, warmup=warmup)
     return {"decode_tokens_per_s": batch / seconds, "decode_step_ms": seconds * 1e3,
-            "cache_bytes": generator.cache_bytes(), "decode_context": context, "decode_batch": batch}
+            "cache_bytes": generator.cache_bytes(), "allocated_bytes": generator.allocated_bytes(),
+            "cache_read_tb_s": generator.allocated_bytes() / seconds / 1e12, "decode_context": context,
+            "decode_batch": batch, "cuda_graph": cuda_graph, "compile_step": compile_step, "setup_s": setup_s}
 
 
 def bench_attention(context: int, size: int, lead: int, device: torch.device, repeats: int = 10) -> dict:
@@ -217,7 +232,7 @@ def _progress(kind: str, name: str, result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="attamba-bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--contexts", type=int, nargs="+", default=[1024])
+    parser.add_argument("--contexts", type=int, nargs="*", default=[1024], help="training contexts (none: skip)")
     parser.add_argument("--tokens-per-step", type=int, default=16 * 1024)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
@@ -233,6 +248,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decode-context", type=int, default=0, help="0 skips decoding")
     parser.add_argument("--decode-batch", type=int, default=16)
     parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--decode-graph", action=argparse.BooleanOptionalAction, default=None,
+                        help="replay each decode step from one CUDA graph (default: on with CUDA)")
+    parser.add_argument("--decode-compile", nargs="?", const=True, default=False, metavar="MODE",
+                        help="torch.compile the decode step (optionally with MODE, e.g. max-autotune-no-cudagraphs)")
     parser.add_argument("--attention", type=int, nargs="*", default=[], help="contexts for the attention-only bench")
     parser.add_argument("--ddp", action="store_true",
                         help="data-parallel training under torchrun (one process per GPU): tokens/s and per-step "
@@ -253,27 +272,29 @@ def main(argv: list[str] | None = None) -> None:
         batch = max(1, args.tokens_per_step // context)
         results = {}
         for name, (cfg, chunking) in models.items():
-            results[name] = bench_training(cfg, chunking, context, batch, args.steps, args.warmup, args.compile, device,
-                                           args.profile)
+            results[name] = _measure(lambda: bench_training(cfg, chunking, context, batch, args.steps, args.warmup,
+                                                            args.compile, device, args.profile))
             _progress("training", name, {"context": context, **results[name]})
         for name, result in results.items():
             rows.append({"model": name, "context": context, "batch": batch, **result,
-                         "speed_ratio": result["tokens_per_s"] / results[baseline]["tokens_per_s"],
-                         "mem_ratio": (result["peak_mem_gib"] / results[baseline]["peak_mem_gib"]
-                                       if result["peak_mem_gib"] else None)})
+                         "speed_ratio": _ratio(result, results[baseline], "tokens_per_s"),
+                         "mem_ratio": _ratio(result, results[baseline], "peak_mem_gib")})
     decode_rows = []
     if args.decode_context:
         results = {}
         for name, (cfg, chunking) in models.items():
-            results[name] = bench_decoding(cfg, chunking, args.decode_context, args.decode_batch, args.decode_tokens, device)
+            cuda_graph = device.type == "cuda" if args.decode_graph is None else args.decode_graph
+            results[name] = _measure(lambda: bench_decoding(cfg, chunking, args.decode_context, args.decode_batch,
+                                                            args.decode_tokens, device, cuda_graph, args.decode_compile))
             _progress("decoding", name, results[name])
         for name, result in results.items():
             decode_rows.append({"model": name, **result,
-                                "decode_ratio": result["decode_tokens_per_s"] / results[baseline]["decode_tokens_per_s"],
-                                "cache_ratio": result["cache_bytes"] / results[baseline]["cache_bytes"]})
+                                "decode_ratio": _ratio(result, results[baseline], "decode_tokens_per_s"),
+                                "cache_ratio": _ratio(result, results[baseline], "cache_bytes")})
     attention_rows = []
     for context in args.attention:
-        attention_rows.append(bench_attention(context, args.chunk_size, args.leading_tokens, device))
+        attention_rows.append({"context": context,
+                               **_measure(lambda: bench_attention(context, args.chunk_size, args.leading_tokens, device))})
         _progress("attention", "chunk-vs-flash", attention_rows[-1])
 
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": _device_name(device),
@@ -281,14 +302,32 @@ def main(argv: list[str] | None = None) -> None:
               "training": rows, "decoding": decode_rows, "attention": attention_rows}
     print(f"# attamba-bench on {report['device']} ({report['date']}, torch {torch.__version__})\n")
     print(markdown(rows, ["model", "context", "batch", "tokens_per_s", "speed_ratio", "mfu", "peak_mem_gib",
-                          "mem_ratio", "kv_bytes_per_token"]))
+                          "mem_ratio", "kv_bytes_per_token", "error"]))
     if decode_rows:
         print("\n" + markdown(decode_rows, ["model", "decode_context", "decode_batch", "decode_tokens_per_s",
-                                            "decode_ratio", "cache_bytes", "cache_ratio"]))
+                                            "decode_ratio", "decode_step_ms", "cache_bytes", "cache_ratio",
+                                            "allocated_bytes", "cache_read_tb_s", "error"]))
     if attention_rows:
-        print("\n" + markdown(attention_rows, ["context", "chunk_ms", "causal_flash_ms", "speedup"]))
+        print("\n" + markdown(attention_rows, ["context", "chunk_ms", "causal_flash_ms", "speedup", "error"]))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
+
+
+def _measure(run: Callable[[], dict]) -> dict:
+    """One measurement, or the reason it failed (a compiler error at one size must not lose the others)."""
+    try:
+        return run()
+    except Exception as error:  # reported in the table and the JSON, next to the measurements that worked
+        return {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"}
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _ratio(result: dict, baseline: dict, key: str) -> float | None:
+    if result.get(key) is None or not baseline.get(key):
+        return None
+    return result[key] / baseline[key]
 
 
 def _main_ddp(args: argparse.Namespace, models: dict) -> None:

@@ -9,7 +9,6 @@ Query t sees key s iff (s < t and s is a boundary) or t - lead <= s <= t.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -19,21 +18,32 @@ import torch.nn as nn
 from attamba.config import ChunkingConfig, ModelConfig
 from attamba.models.layers import apply_rope, merge_heads, split_heads, truncated_normal_
 from attamba.models.mamba2 import SSMBlock, SSMState
-from attamba.models.transformer import attend_cached
+from attamba.models.transformer import NEVER, KVCache, attend_cached
 from attamba.ops.attention import ChunkMask, attend_chunks, causal_attention, chunk_mask
 from attamba.ops.chunking import boundary_mask, chunk_starts, intrinsic_boundaries, is_boundary
 from attamba.ops.ssm import ScanPlan, plan_scan
 
 @dataclass
 class AttambaCache:
-    """Per layer: boundary keys/values, a ring of the last ``lead`` ones, and the running SSM state."""
+    """Per layer: the key/value slots, where chunks end, and the K/V SSMs' state of the chunk in progress.
 
-    boundary_k: torch.Tensor  # [b, h, n_boundaries, d], post-RoPE
-    boundary_v: torch.Tensor
-    boundary_pos: list[int]  # positions of the cached boundaries, ascending (every position for pseudo)
-    ring_k: torch.Tensor  # [b, h, <=lead, d]: the most recent tokens, oldest first
-    ring_v: torch.Tensor
+    Slots (see :class:`KVCache`): one per boundary of the capacity, visible from ``lead + 1``
+    tokens after it (earlier it is in the ring); a scratch slot; a ring of ``lead + 1``
+    holding the leading tokens and the current one. A token is written to the slot of the
+    next boundary at or after it: a boundary stays there, any other token is overwritten
+    before a query reads that slot (the last chunk of the capacity writes to the scratch).
+    ``pseudo`` chunking keeps one slot per position, each visible at once, and no ring.
+    """
+
+    kv: KVCache
+    ends_chunk: torch.Tensor  # float32 [capacity]: 1 where a chunk ends, so the SSM state resets after it
     ssm: SSMState
+
+    def held_bytes(self, length: int) -> int:
+        return self.kv.held_bytes(length) + self.ssm.held_bytes(length)
+
+    def allocated_bytes(self) -> int:
+        return self.kv.allocated_bytes() + self.ssm.allocated_bytes()
 
 
 @dataclass(frozen=True)
@@ -119,7 +129,7 @@ class AttambaAttention(nn.Module):
         k, v = self._keys_values(u, self.kv_ssm(u, plan.scan), rope)
         return self.wo(merge_heads(self._attend(q, k, v, plan)))
 
-    def prefill(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, AttambaCache]:
+    def prefill(self, x: torch.Tensor, rope, capacity: int) -> tuple[torch.Tensor, AttambaCache]:
         length = x.shape[1]
         plan = self.plan(length, x.device)
         q = apply_rope(split_heads(self.wq(x), self.n_heads), rope)
@@ -129,46 +139,36 @@ class AttambaAttention(nn.Module):
         out = self.wo(merge_heads(self._attend(q, k, v, plan)))
         if self.layout.is_boundary(length - 1):  # the next token opens a new chunk
             ssm_state.reset_()
-        cache = self._initial_cache(k, v, length, ssm_state)
-        return out, cache
+        return out, self._initial_cache(k, v, ssm_state, capacity)
 
-    def _initial_cache(self, k, v, length, ssm_state) -> AttambaCache:
-        if self.pseudo:  # attends to every past token: the cache is the whole sequence
-            positions = list(range(length))
-        else:
-            positions = self.layout.intrinsic_positions(length)
-        index = torch.tensor(positions, device=k.device, dtype=torch.long)
-        ring_start = length - min(self.ring, length)
-        return AttambaCache(
-            boundary_k=k.index_select(2, index), boundary_v=v.index_select(2, index), boundary_pos=positions,
-            ring_k=k[:, :, ring_start:].clone(), ring_v=v[:, :, ring_start:].clone(), ssm=ssm_state,
-        )
+    def _initial_cache(self, k: torch.Tensor, v: torch.Tensor, ssm_state: SSMState, capacity: int) -> AttambaCache:
+        """The slot tables of ``capacity`` positions (see :class:`AttambaCache`), holding the prompt's keys/values."""
+        ends_chunk = torch.zeros(capacity)
+        ends_chunk[self.layout.intrinsic_positions(capacity)] = 1
+        positions = torch.arange(capacity)
+        cached = positions if self.pseudo else ends_chunk.nonzero().flatten()
+        ring_slots = 0 if self.pseudo else self.ring + 1  # the last `lead` tokens and the current one
+        scratch = len(cached)
+        # a cached key's slot becomes visible when the ring lets go of its token
+        first_visible = torch.cat([cached + ring_slots, torch.tensor([NEVER]), torch.arange(ring_slots)])
+        writes = [torch.searchsorted(cached, positions)]  # the slot of the next cached position
+        if ring_slots:
+            writes.append(scratch + 1 + positions % ring_slots)
+        lengths = torch.arange(capacity + 1)
+        held = torch.searchsorted(cached, lengths) + lengths.clamp(max=self.ring)
+        kv = KVCache.allocate(k, torch.stack(writes, 1), first_visible, held)
+        length = k.shape[2]
+        prompt_cached = cached[cached < length]
+        kv.fill(torch.arange(len(prompt_cached)), prompt_cached, k, v)
+        if ring_slots:
+            recent = torch.arange(max(0, length - self.ring), length)
+            kv.fill(scratch + 1 + recent % ring_slots, recent, k, v)
+        return AttambaCache(kv, ends_chunk.to(k.device), ssm_state)
 
-    def step(self, x: torch.Tensor, rope, position: int, cache: AttambaCache) -> tuple[torch.Tensor, AttambaCache]:
+    def step(self, x: torch.Tensor, rope, position: torch.Tensor, cache: AttambaCache) -> torch.Tensor:
         q = apply_rope(split_heads(self.wq(x), self.n_heads), rope)
         u = self._ssm_input(x)
-        kv, ssm_state = self.kv_ssm.step(u[:, 0], cache.ssm)
+        kv = self.kv_ssm.step(u[:, 0], cache.ssm, reset=cache.ends_chunk[position])
         k, v = self._keys_values(u, kv.unsqueeze(1), rope)
-        if self.pseudo:
-            keys, values = torch.cat([cache.boundary_k, k], 2), torch.cat([cache.boundary_v, v], 2)
-        else:
-            # boundaries inside the leading window are already in the ring: count them once
-            visible = bisect_left(cache.boundary_pos, position - self.lead)
-            keys = torch.cat([cache.boundary_k[:, :, :visible], cache.ring_k, k], 2)
-            values = torch.cat([cache.boundary_v[:, :, :visible], cache.ring_v, v], 2)
-        out = self.wo(merge_heads(attend_cached(q, keys, values)))
-        return out, self._advance(cache, k, v, position, ssm_state)
-
-    def _advance(self, cache: AttambaCache, k, v, position: int, ssm_state: SSMState) -> AttambaCache:
-        boundary_k, boundary_v, boundary_pos = cache.boundary_k, cache.boundary_v, cache.boundary_pos
-        is_boundary = self.layout.is_boundary(position)
-        if self.pseudo or is_boundary:
-            boundary_k, boundary_v = torch.cat([boundary_k, k], 2), torch.cat([boundary_v, v], 2)
-            boundary_pos = boundary_pos + [position]
-        if is_boundary:
-            ssm_state.reset_()
-        ring_k, ring_v = cache.ring_k, cache.ring_v
-        if self.ring:
-            ring_k = torch.cat([ring_k, k], 2)[:, :, -self.ring:]
-            ring_v = torch.cat([ring_v, v], 2)[:, :, -self.ring:]
-        return AttambaCache(boundary_k, boundary_v, boundary_pos, ring_k, ring_v, ssm_state)
+        visible = cache.kv.write(position, k, v)
+        return self.wo(merge_heads(attend_cached(q, cache.kv.k, cache.kv.v, visible)))

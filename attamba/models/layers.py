@@ -98,15 +98,14 @@ class Block(nn.Module):
         x = x + self.mixer(self.mixer_norm(x), rope, plan)
         return x + self.ffn(self.ffn_norm(x))
 
-    def prefill(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, Any]:
-        mixed, cache = self.mixer.prefill(self.mixer_norm(x), rope)
+    def prefill(self, x: torch.Tensor, rope, capacity: int) -> tuple[torch.Tensor, Any]:
+        mixed, cache = self.mixer.prefill(self.mixer_norm(x), rope, capacity)
         x = x + mixed
         return x + self.ffn(self.ffn_norm(x)), cache
 
-    def step(self, x: torch.Tensor, rope, position: int, cache: Any) -> tuple[torch.Tensor, Any]:
-        mixed, cache = self.mixer.step(self.mixer_norm(x), rope, position, cache)
-        x = x + mixed
-        return x + self.ffn(self.ffn_norm(x)), cache
+    def step(self, x: torch.Tensor, rope, position: torch.Tensor, cache: Any) -> torch.Tensor:
+        x = x + self.mixer.step(self.mixer_norm(x), rope, position, cache)
+        return x + self.ffn(self.ffn_norm(x))
 
 
 class LanguageModel(nn.Module):
@@ -159,22 +158,24 @@ class LanguageModel(nn.Module):
             x = block(x, rope, plan)
         return self.output(self.norm(x))
 
-    def prefill(self, tokens: torch.Tensor, all_logits: bool = True) -> tuple[torch.Tensor, list[Any]]:
-        """Logits of every prompt position (or only the last: long prompts' logits are huge) and the caches."""
+    def prefill(self, tokens: torch.Tensor, capacity: int, all_logits: bool = True) -> tuple[torch.Tensor, list[Any]]:
+        """Logits of every prompt position (or only the last: long prompts' logits are huge) and each
+        layer's cache, allocated for ``capacity`` positions in all."""
         rope = self._rope(torch.arange(tokens.shape[1], device=tokens.device))
         x = self.tok_embeddings(tokens)
         caches = []
         for block in self.layers:
-            x, cache = block.prefill(x, rope)
+            x, cache = block.prefill(x, rope, capacity)
             caches.append(cache)
         return self.output(self.norm(x if all_logits else x[:, -1:])), caches
 
-    def step(self, tokens: torch.Tensor, position: int, caches: list[Any]) -> tuple[torch.Tensor, list[Any]]:
-        """Logits for ``tokens [B, 1]`` at absolute ``position``, given the caches of all earlier ones."""
-        rope = self._rope(torch.tensor([position], device=tokens.device))
+    def step(self, tokens: torch.Tensor, position: torch.Tensor, caches: list[Any]) -> torch.Tensor:
+        """Logits for ``tokens [B, 1]`` at ``position`` (int64 ``[1]``, on their device); the caches advance in place.
+
+        Nothing on the host depends on the position, so a CUDA graph of one step replays every later one.
+        """
+        rope = self._rope(position)
         x = self.tok_embeddings(tokens)
-        new_caches = []
         for block, cache in zip(self.layers, caches):
-            x, cache = block.step(x, rope, position, cache)
-            new_caches.append(cache)
-        return self.output(self.norm(x)), new_caches
+            x = block.step(x, rope, position, cache)
+        return self.output(self.norm(x))

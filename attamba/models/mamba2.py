@@ -23,15 +23,28 @@ from attamba.ops.ssm import ScanPlan, plan_scan, scan, ssm_step
 
 @dataclass
 class SSMState:
-    """What decoding keeps of an SSM block: the conv window and the scan state of the chunk in progress."""
+    """What decoding keeps of an SSM block: the conv window and the scan state of the chunk in progress.
 
-    conv: torch.Tensor | None  # [b, channels, conv-1] (None without conv)
+    Fixed-size, and :meth:`SSMBlock.step` updates it in place, so a captured step keeps
+    reading and writing the same buffers.
+    """
+
+    conv: torch.Tensor | None  # [b, channels, conv-1], fp32 (None without conv)
     ssm: torch.Tensor  # [b, streams*heads, head_dim, state_dim], fp32
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.ssm] if self.conv is None else [self.conv, self.ssm]
+
     def reset_(self) -> None:
-        if self.conv is not None:
-            self.conv.zero_()
-        self.ssm.zero_()
+        for tensor in self.tensors():
+            tensor.zero_()
+
+    def held_bytes(self, length: int) -> int:
+        """The whole state, at any length."""
+        return self.allocated_bytes()
+
+    def allocated_bytes(self) -> int:
+        return sum(tensor.nbytes for tensor in self.tensors())
 
 
 class SSMBlock(nn.Module):
@@ -129,26 +142,25 @@ class SSMBlock(nn.Module):
         window = window * (positions >= current_start).to(window.dtype)
         return F.pad(window, (width - window.shape[-1], 0)).contiguous()
 
-    def step(self, u: torch.Tensor, state: SSMState) -> tuple[torch.Tensor, SSMState]:
-        """One token: ``u [b, d_in]`` or ``[b, streams, d_in]`` -> ``[b, streams, d_out]``."""
+    def step(self, u: torch.Tensor, state: SSMState, reset: torch.Tensor | None = None) -> torch.Tensor:
+        """One token: ``u [b, d_in]`` or ``[b, streams, d_in]`` -> ``[b, streams, d_out]``; ``state`` advances in place.
+
+        ``reset`` (float ``[1]``, 1 where this token ends a chunk) zeroes the state after the
+        token by a multiply, not a branch, so the step stays one fixed graph.
+        """
         b = u.shape[0]
         z, xbc, dt = self._split(self._project(u))
-        conv = state.conv
         if self.cfg.conv > 0:
             flat, conv = conv_step(state.conv, xbc.flatten(-2).float(), self.conv_weight.float(),
                                    self.conv_bias.float())
             xbc = flat.type_as(xbc).unflatten(-1, (self.streams, self.conv_width))
         x, dt, A, B, C = self._scan_inputs(xbc, dt)
         y, ssm = ssm_step(state.ssm, x.float(), dt, A, B.float(), C.float(), D=self.D.float())
-        out = self._output(y.type_as(z).reshape(b, self.streams, self.cfg.hidden), z)
-        return out, SSMState(conv=conv, ssm=ssm)
-
-    def empty_state(self, batch: int, device: torch.device) -> SSMState:
-        cfg = self.cfg
-        conv = (torch.zeros(batch, self.streams * self.conv_width, cfg.conv - 1, device=device)
-                if cfg.conv > 0 else None)
-        ssm = torch.zeros(batch, self.streams * cfg.heads, cfg.head_dim, cfg.state_dim, device=device)
-        return SSMState(conv=conv, ssm=ssm)
+        keep = 1.0 if reset is None else 1.0 - reset
+        if self.cfg.conv > 0:
+            state.conv.copy_(conv * keep)
+        state.ssm.copy_(ssm * keep)
+        return self._output(y.type_as(z).reshape(b, self.streams, self.cfg.hidden), z)
 
 
 class Mamba2Mixer(nn.Module):
@@ -169,10 +181,10 @@ class Mamba2Mixer(nn.Module):
     def forward(self, x: torch.Tensor, rope, plan: ScanPlan) -> torch.Tensor:
         return self.ssm(x, plan).squeeze(-2)
 
-    def prefill(self, x: torch.Tensor, rope=None) -> tuple[torch.Tensor, SSMState]:
+    def prefill(self, x: torch.Tensor, rope, capacity: int) -> tuple[torch.Tensor, SSMState]:
+        """The state has a fixed size: ``capacity`` does not matter."""
         out, state = self.ssm(x, self.plan(x.shape[1], x.device), return_state=True)
         return out.squeeze(-2), state
 
-    def step(self, x: torch.Tensor, rope, position: int, state: SSMState) -> tuple[torch.Tensor, SSMState]:
-        out, state = self.ssm.step(x[:, 0], state)  # [b, streams=1, d] doubles as [b, L=1, d]
-        return out, state
+    def step(self, x: torch.Tensor, rope, position: torch.Tensor, state: SSMState) -> torch.Tensor:
+        return self.ssm.step(x[:, 0], state)  # [b, streams=1, d] doubles as [b, L=1, d]

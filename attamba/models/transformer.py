@@ -13,17 +13,71 @@ from attamba.models.layers import apply_rope, merge_heads, split_heads, truncate
 from attamba.ops.attention import causal_attention
 
 
+# first_visible of a slot that no query reads (padding, or a scratch slot)
+NEVER = torch.iinfo(torch.int64).max
+
+# SDPA's fused kernels want the mask's key dim aligned to this; an unaligned one is copied every call.
+_SLOT_ALIGN = 16
+
+
 @dataclass
 class KVCache:
-    """Keys/values of past tokens, post-RoPE: all of them, or the last ``window - 1`` with a window."""
+    """One attention layer's keys/values in preallocated slots, written in place.
 
-    k: torch.Tensor  # [b, kv_heads, S, head_dim]
+    The token at position ``t`` is written to the slots ``slots[t]``, and query ``t``
+    reads every slot ``s`` with ``first_visible[s] <= t``. Both tables follow from the
+    layer's layout alone, so a decode step has fixed shapes, no host sync and no Python
+    branch on the position: one CUDA graph of a step replays every later one.
+    """
+
+    k: torch.Tensor  # [b, kv_heads, n_slots, head_dim], post-RoPE
     v: torch.Tensor
+    slots: torch.Tensor  # int64 [capacity, writes]: where each position's key/value goes
+    first_visible: torch.Tensor  # int64 [n_slots]: the first query position that reads each slot
+    held: torch.Tensor  # int64 [capacity + 1] on the CPU: entries later queries still need, after each length
+
+    @classmethod
+    def allocate(cls, like: torch.Tensor, slots: torch.Tensor, first_visible: torch.Tensor,
+                 held: torch.Tensor) -> KVCache:
+        """Zeroed slots for keys shaped like ``like [b, h, L, d]``, padded with never-read ones to an aligned count."""
+        b, h, _, d = like.shape
+        padding = -len(first_visible) % _SLOT_ALIGN
+        first_visible = torch.cat([first_visible, torch.full((padding,), NEVER)])
+        buffer = like.new_zeros(b, h, len(first_visible), d)
+        return cls(k=buffer, v=buffer.clone(), slots=slots.to(like.device),
+                   first_visible=first_visible.to(like.device), held=held)
+
+    def fill(self, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the prefilled ``k[:, :, positions]`` (and ``v``) in ``slots`` (distinct)."""
+        slots, positions = slots.to(self.k.device), positions.to(self.k.device)
+        self.k[:, :, slots] = k[:, :, positions]
+        self.v[:, :, slots] = v[:, :, positions]
+
+    def write(self, position: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store the key/value ``[b, h, 1, d]`` of ``position`` (int64 ``[1]``); return the slots its query sees."""
+        slots = self.slots[position].flatten()
+        self.k[:, :, slots] = k
+        self.v[:, :, slots] = v
+        return self.first_visible <= position
+
+    def held_bytes(self, length: int) -> int:
+        """Bytes of the entries held for a sequence of ``length`` tokens (not the free or stale slots)."""
+        entry = (self.k.nbytes + self.v.nbytes) // self.k.shape[2]
+        return int(self.held[length]) * entry
+
+    def allocated_bytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
 
 
-def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """One query ``[b, h, 1, d]`` against every cached key (GQA-aware); no mask needed."""
-    return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
+def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """One query ``[b, h, 1, d]`` against the ``visible`` (bool ``[S]``) slots of ``k``/``v`` ``[b, h_kv, S, d]``.
+
+    With GQA, the query heads that share a key head go in as that many query rows, so no
+    key is repeated and every SDPA backend applies.
+    """
+    b, h, _, d = q.shape
+    grouped = q.reshape(b, k.shape[1], h // k.shape[1], d)
+    return F.scaled_dot_product_attention(grouped, k, v, attn_mask=visible[None]).reshape(b, h, 1, d)
 
 
 class Attention(nn.Module):
@@ -56,20 +110,29 @@ class Attention(nn.Module):
         out = causal_attention(q, k, v, window=self.config.window, impl=self.config.attn_impl)
         return self.wo(merge_heads(out))
 
-    def _keep(self, k: torch.Tensor, v: torch.Tensor) -> KVCache:
-        """What the next query needs: everything, or the last window-1 keys."""
-        if self.config.window is not None:
-            start = max(0, k.shape[2] - (self.config.window - 1))
-            k, v = k[:, :, start:], v[:, :, start:]
-        return KVCache(k.contiguous(), v.contiguous())
+    def _cache(self, k: torch.Tensor, v: torch.Tensor, capacity: int) -> KVCache:
+        """Slots for ``capacity`` positions holding the prompt's ``k``/``v``.
 
-    def prefill(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, KVCache]:
+        One slot per position, or with a window a ring of ``window`` slots: position ``t``
+        goes to slot ``t % window``, so after it is written the ring holds exactly the
+        keys query ``t`` sees; slot ``i`` is empty until query ``i``.
+        """
+        window = self.config.window
+        ring = capacity if window is None else min(window, capacity)
+        lengths = torch.arange(capacity + 1)
+        cache = KVCache.allocate(k, slots=(torch.arange(capacity) % ring)[:, None], first_visible=torch.arange(ring),
+                                 held=lengths if window is None else lengths.clamp(max=window - 1))
+        length = k.shape[2]
+        kept = torch.arange(max(0, length - ring), length)
+        cache.fill(kept % ring, kept, k, v)
+        return cache
+
+    def prefill(self, x: torch.Tensor, rope, capacity: int) -> tuple[torch.Tensor, KVCache]:
         q, k, v = self._qkv(x, rope)
         out = causal_attention(q, k, v, window=self.config.window, impl=self.config.attn_impl)
-        return self.wo(merge_heads(out)), self._keep(k, v)
+        return self.wo(merge_heads(out)), self._cache(k, v, capacity)
 
-    def step(self, x: torch.Tensor, rope, position: int, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
+    def step(self, x: torch.Tensor, rope, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
         q, k, v = self._qkv(x, rope)
-        k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
-        out = attend_cached(q, k, v)
-        return self.wo(merge_heads(out)), self._keep(k, v)
+        visible = cache.write(position, k, v)
+        return self.wo(merge_heads(attend_cached(q, cache.k, cache.v, visible)))

@@ -1,0 +1,293 @@
+"""The fused short-chunk SSD kernels against the reference scan: tile packing, outputs, every gradient.
+
+Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET
+before they are imported), which covers the fp32 and fp16 paths; bf16 (whose dots the interpreter
+cannot evaluate), torch.compile with Inductor and speed need a GPU: ``-m gpu``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the fused SSD kernels need triton (pip install triton)")
+
+from attamba.ops.ssm import chunk_scan  # noqa: E402
+from attamba.ops.ssm_triton import TileTable, chunk_local_ssd, tile_table  # noqa: E402
+
+
+def starts_at(length: int, positions) -> torch.Tensor:
+    chunk_start = torch.zeros(length, dtype=torch.bool)
+    chunk_start[list(positions)] = True
+    return chunk_start
+
+
+def uniform(length: int, size: int) -> torch.Tensor:
+    return starts_at(length, range(0, length, size))
+
+
+def random_lengths(length: int, longest: int, seed: int) -> torch.Tensor:
+    """Chunks of lengths drawn uniformly from 1..longest."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, longest + 1, (length,), generator=gen)
+    return starts_at(length, [0, *sizes.cumsum(0)[sizes.cumsum(0) < length].tolist()])
+
+
+LAYOUTS = {
+    "uniform_P8": uniform(100, 8),  # L not a multiple of the tile: a short last tile
+    "shifted_P8": starts_at(90, [0, 1, *range(6, 90, 8)]),  # cyclic-like: chunks of 1 and 5 first
+    "random_1_40": random_lengths(300, 40, seed=3),  # tiles end where the next chunk does not fit
+    "single_chunk": starts_at(50, [0]),
+    "full_tiles": uniform(128, 64),  # chunks exactly one tile long
+    "P1": uniform(70, 1),  # every token its own chunk: 64 chunks in a tile
+}
+
+
+def chunk_bounds(chunk_start: torch.Tensor) -> list[tuple[int, int]]:
+    starts = chunk_start.nonzero().flatten().tolist()
+    return list(zip(starts, starts[1:] + [chunk_start.numel()]))
+
+
+def make_inputs(length: int, b=2, h=4, p=16, n=16, g=2, device="cpu", dtype=torch.float32) -> dict:
+    """Mamba-like ranges: dt = softplus(·) > 0, A = -exp(A_log) < 0; x, B, C in `dtype`."""
+    kw = dict(device=device, dtype=torch.float32)
+    return dict(
+        x=torch.randn(b, length, h, p, **kw).to(dtype),
+        dt=torch.nn.functional.softplus(torch.randn(b, length, h, **kw) - 1.0),
+        A=-torch.empty(h, **kw).uniform_(0.01, 2.0),
+        B=torch.randn(b, length, g, n, **kw).to(dtype),
+        C=torch.randn(b, length, g, n, **kw).to(dtype),
+        D=torch.randn(h, **kw),
+    )
+
+
+def outputs_and_grads(fn, inputs: dict, weight: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """y and the gradients of sum(y * weight) w.r.t. every tensor input."""
+    leaves = {name: t.detach().clone().requires_grad_() for name, t in inputs.items() if t is not None}
+    y = fn(**{**inputs, **leaves})
+    grads = torch.autograd.grad((y.float() * weight).sum(), list(leaves.values()))
+    return y.detach(), dict(zip(leaves, grads))
+
+
+def reference(chunk_start: torch.Tensor):
+    return lambda **t: chunk_scan(chunk_start=chunk_start, impl="reference", **t)
+
+
+def fused(table: TileTable):
+    return lambda **t: chunk_local_ssd(table=table, **t)
+
+
+def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str) -> None:
+    """Max error at most `rel` times the largest |expected|: rounding grows with magnitude."""
+    error = (actual.double() - expected.double()).abs().max().item()
+    scale = expected.abs().max().item()
+    assert error <= rel * scale, f"{what}: max error {error:.2e} > {rel:.0e} x max |expected| {scale:.2e}"
+
+
+def assert_matches_reference(chunk_start: torch.Tensor, inputs: dict, rel: float, device="cpu",
+                             tile: int = 64) -> None:
+    """Forward and every gradient of the fused kernels vs the fp32 reference scan."""
+    table = tile_table(chunk_start, tile).to(device)
+    weight = torch.randn(inputs["x"].shape, device=device)
+    y, grads = outputs_and_grads(fused(table), inputs, weight)
+    as_fp32 = {name: t.float() if t is not None else None for name, t in inputs.items()}
+    y_ref, grads_ref = outputs_and_grads(reference(chunk_start), as_fp32, weight)
+    assert y.dtype == inputs["x"].dtype
+    assert_close_to_scale(y, y_ref, rel, "y")
+    assert grads.keys() == grads_ref.keys()
+    for name, grad in grads.items():
+        assert grad.dtype == inputs[name].dtype, f"d/d{name} is {grad.dtype}"
+        assert_close_to_scale(grad, grads_ref[name], rel, f"d/d{name}")
+
+
+# ----------------------------------------------------------------------------- tile table
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("tile", [64, 32])
+def test_tile_table_packs_whole_chunks_greedily(layout, tile):
+    chunk_start = LAYOUTS[layout]
+    table = tile_table(chunk_start, tile)
+    if max(end - start for start, end in chunk_bounds(chunk_start)) > tile:
+        assert table is None
+        return
+    starts, lengths = table.starts.tolist(), table.lengths.tolist()
+    assert table.starts.dtype == table.lengths.dtype == table.chunk_id.dtype == torch.int32
+    assert starts[0] == 0 and all(a + n == b for a, n, b in zip(starts, lengths, starts[1:]))
+    assert starts[-1] + lengths[-1] == chunk_start.numel()  # tiles cover 0..L in order
+    assert all(0 < n <= tile for n in lengths)
+    assert all(chunk_start[s] for s in starts)  # no chunk is split
+    for start, end in chunk_bounds(chunk_start):  # greedy: a tile closes only when the next chunk won't fit
+        if start in starts[1:]:
+            previous = starts.index(start) - 1
+            assert lengths[previous] + end - start > tile
+    assert torch.equal(table.chunk_id, chunk_start.cumsum(0).int() - 1)
+
+
+def test_tile_table_none_for_a_chunk_longer_than_the_tile():
+    assert tile_table(starts_at(65, [0])) is None
+    assert tile_table(starts_at(130, [0, 64, 65])) is None  # [65, 130) is 65 tokens long
+    assert tile_table(starts_at(129, [0, 64, 65])).lengths.tolist() == [64, 1, 64]  # 1 + 64 won't fit
+    with pytest.raises(ValueError, match="tile"):
+        tile_table(starts_at(64, [0]), tile=48)
+
+
+def test_tile_table_is_cached_per_layout_and_device():
+    table = tile_table(uniform(100, 8))
+    assert tile_table(uniform(100, 8)) is table
+    assert table.to("cpu") is table
+    assert table.seq_len == 100 and table.n_tiles == 2
+
+
+# ----------------------------------------------------------------------------- kernels (CPU: interpreter)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_matches_reference_forward_and_backward(layout):
+    chunk_start = LAYOUTS[layout]
+    assert_matches_reference(chunk_start, make_inputs(chunk_start.numel()), rel=1e-4)
+
+
+def test_four_heads_per_group():
+    chunk_start = LAYOUTS["shifted_P8"]
+    assert_matches_reference(chunk_start, make_inputs(chunk_start.numel(), h=8, g=2), rel=1e-4)
+
+
+def test_without_skip_term():
+    chunk_start = LAYOUTS["shifted_P8"]
+    inputs = dict(make_inputs(chunk_start.numel()), D=None)
+    assert_matches_reference(chunk_start, inputs, rel=1e-4)
+
+
+def test_one_group_p_not_n_and_tile_32():
+    chunk_start = random_lengths(150, 32, seed=5)
+    assert_matches_reference(chunk_start, make_inputs(150, h=2, g=1, p=16, n=32), rel=1e-4, tile=32)
+
+
+def test_strided_views_and_broadcast_gradient():
+    """x, B, C, dt sliced out of one projection (as the model does) and dy = ones (stride 0)."""
+    chunk_start = LAYOUTS["uniform_P8"]
+    b, length, h, p, g, n = 2, chunk_start.numel(), 4, 16, 2, 16
+    proj = torch.randn(b, length, h * p + 2 * g * n + h, requires_grad=True)
+    A, D = -torch.rand(h) - 0.1, torch.randn(h)
+
+    def split(fn):
+        x, B, C, dt = proj.split([h * p, g * n, g * n, h], dim=-1)
+        y = fn(x=x.unflatten(-1, (h, p)), dt=torch.nn.functional.softplus(dt), A=A,
+               B=B.unflatten(-1, (g, n)), C=C.unflatten(-1, (g, n)), D=D)
+        return y, torch.autograd.grad(y.sum(), proj)[0]
+
+    y, grad = split(fused(tile_table(chunk_start)))
+    y_ref, grad_ref = split(reference(chunk_start))
+    assert_close_to_scale(y, y_ref, 1e-4, "y")
+    assert_close_to_scale(grad, grad_ref, 1e-4, "d/dproj")
+
+
+def test_half_precision_operands():
+    """fp16 x, B, C feed the dots in fp16 (the path bf16 takes on a GPU)."""
+    chunk_start = LAYOUTS["shifted_P8"]
+    assert_matches_reference(chunk_start, make_inputs(chunk_start.numel(), dtype=torch.float16), rel=1e-2)
+
+
+def test_custom_op_registrations():
+    """Schema, fake (meta) kernels and autograd formula, as torch.compile and AOTAutograd use them."""
+    chunk_start = LAYOUTS["shifted_P8"]
+    table = tile_table(chunk_start)
+    inputs = {name: t.requires_grad_() for name, t in make_inputs(chunk_start.numel(), b=1).items()}
+    args = (*inputs.values(), table.starts, table.lengths, table.chunk_id, table.tile)
+    torch.library.opcheck(torch.ops.attamba.chunk_local_ssd_fwd.default, args)
+
+
+def test_traces_into_one_graph():
+    chunk_start = LAYOUTS["uniform_P8"]
+    table = tile_table(chunk_start)
+    inputs = make_inputs(chunk_start.numel())
+    weight = torch.randn(inputs["x"].shape)
+    compiled = torch.compile(fused(table), fullgraph=True, backend="aot_eager")  # fullgraph: breaks raise
+    y, grads = outputs_and_grads(compiled, inputs, weight)
+    y_eager, grads_eager = outputs_and_grads(fused(table), inputs, weight)
+    torch.testing.assert_close(y, y_eager)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_eager[name], msg=name)
+
+
+def test_bad_sizes_name_the_setting():
+    chunk_start = uniform(32, 8)
+    table = tile_table(chunk_start)
+    with pytest.raises(ValueError, match="model.ssm.hidden / model.ssm.heads"):
+        chunk_local_ssd(**make_inputs(32, p=24), table=table)
+    with pytest.raises(ValueError, match="model.ssm.state_dim"):
+        chunk_local_ssd(**make_inputs(32, n=8), table=table)
+    with pytest.raises(ValueError, match="tile table is for 32 tokens"):
+        chunk_local_ssd(**make_inputs(40), table=table)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+def test_cuda_matches_reference(layout, dtype, rel):
+    chunk_start = LAYOUTS[layout]
+    inputs = make_inputs(chunk_start.numel(), h=8, p=32, n=32, device="cuda", dtype=dtype)
+    assert_matches_reference(chunk_start, inputs, rel, device="cuda")
+
+
+REAL_SIZE = dict(b=16, h=16, p=32, g=2, n=32, device="cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+def test_cuda_real_size_compiled(dtype, rel):
+    """b=16, L=1024, 16 heads x 32, state 32, random chunks up to 63 long, under torch.compile."""
+    chunk_start = random_lengths(1024, 63, seed=4)
+    table = tile_table(chunk_start).to("cuda")
+    inputs = make_inputs(1024, dtype=dtype, **REAL_SIZE)
+    weight = torch.randn(inputs["x"].shape, device="cuda")
+    compiled = torch.compile(fused(table), fullgraph=True)  # fullgraph: a graph break raises
+    y, grads = outputs_and_grads(compiled, inputs, weight)
+    as_fp32 = {name: t.float() for name, t in inputs.items()}
+    y_ref, grads_ref = outputs_and_grads(reference(chunk_start), as_fp32, weight)
+    assert_close_to_scale(y, y_ref, rel, "y")
+    for name in grads:
+        assert_close_to_scale(grads[name], grads_ref[name], rel, f"d/d{name}")
+
+
+def time_fwd_bwd(fn, inputs: dict, repeats: int = 20) -> float:
+    """Median milliseconds of one forward + backward."""
+    params = {name: t.detach().clone().requires_grad_() for name, t in inputs.items()}
+    times = []
+    for i in range(repeats + 3):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn(**params).float().sum().backward()
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("size", [8, 64])
+def test_print_timings(size):
+    """Not an assertion: fwd+bwd milliseconds of the fused kernels vs blockdiag (run with -s)."""
+    chunk_start = uniform(1024, size)
+    table = tile_table(chunk_start).to("cuda")
+    inputs = make_inputs(1024, dtype=torch.bfloat16, **REAL_SIZE)
+    blockdiag = lambda **t: chunk_scan(chunk_start=chunk_start, impl="blockdiag", **t)  # noqa: E731
+    report = {
+        "fused": time_fwd_bwd(fused(table), inputs),
+        "fused+compile": time_fwd_bwd(torch.compile(fused(table)), inputs),
+        "blockdiag": time_fwd_bwd(blockdiag, inputs),
+        "blockdiag+compile": time_fwd_bwd(torch.compile(blockdiag), inputs),
+    }
+    print(f"\nP={size} b=16 L=1024 h=16 p=32 G=2 n=32 bf16 fwd+bwd: "
+          + " ".join(f"{name}={ms:.3f}ms" for name, ms in report.items()))
