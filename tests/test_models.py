@@ -136,9 +136,9 @@ def test_init_follows_the_paper():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("strategy", ["cyclic", "random"])
-@pytest.mark.parametrize("ssm_impl", ["auto", "triton"])
+@pytest.mark.parametrize("ssm_impl", ["auto", "triton", "tiled"])
 def test_cuda_fast_paths_match_the_cpu_reference_forward_and_backward(strategy, ssm_impl):
-    """The whole model with FlexAttention and the blockdiag/Triton scan against the plain-PyTorch oracle."""
+    """The whole model with FlexAttention and each CUDA scan against the plain-PyTorch oracle."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from attamba.ops.ssm import triton_available
@@ -146,7 +146,8 @@ def test_cuda_fast_paths_match_the_cpu_reference_forward_and_backward(strategy, 
     if ssm_impl == "triton" and not triton_available():
         pytest.skip("mamba_ssm's Triton kernels are not importable")
     torch.manual_seed(0)
-    config = dataclasses.replace(tiny("attamba"), n_heads=2)  # head_dim 16: FlexAttention's minimum
+    # head dims 16: FlexAttention's and the fused scan's minimum (tl.dot)
+    config = dataclasses.replace(tiny("attamba"), n_heads=2, ssm=SSMConfig(state_dim=16, hidden=32, heads=2, conv=4))
     reference_cfg = dataclasses.replace(config, attn_impl="reference", ssm=dataclasses.replace(config.ssm, impl="reference"))
     fast_cfg = dataclasses.replace(config, attn_impl="flex", ssm=dataclasses.replace(config.ssm, impl=ssm_impl))
     chunking = ChunkingConfig(strategy=strategy, size=8, leading_tokens=4)
