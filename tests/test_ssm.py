@@ -286,3 +286,9 @@ def test_print_path_timings(size):
         if impl != "triton":
             report.append(f"{impl}+compile={time_fwd_bwd(torch.compile(fn), inputs):.2f}ms")
     print(f"\nP={size} b=16 L=1024 h=16 p=32 n=32 fwd+bwd: " + " ".join(report))
+
+
+def test_fused_scan_off_cuda_names_the_setting(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="model.ssm.impl='tiled' needs a CUDA device"):
+        chunk_scan(chunk_start=uniform(16, 4), impl="tiled", **make_inputs(16))

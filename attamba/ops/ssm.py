@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import sys
 import types
 from dataclasses import dataclass
@@ -215,8 +216,12 @@ def plan_scan(chunk_start: Tensor, device: torch.device | str, impl: str = "auto
     if chunk_start.dim() != 1 or chunk_start.dtype != torch.bool:
         raise ValueError(f"chunk_scan: chunk_start must be a 1-d bool tensor, "
                          f"got {chunk_start.dtype} {tuple(chunk_start.shape)}")
+    device = torch.device(device)
+    if impl == "tiled" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"model.ssm.impl='tiled' needs a CUDA device, got {device} (or Triton's interpreter: "
+                         f"TRITON_INTERPRET=1); allowed values here are auto, reference, blockdiag, ssd")
     key = chunk_start.detach().to("cpu").numpy().tobytes()
-    return _plan_from_bytes(key, torch.device(device), impl)
+    return _plan_from_bytes(key, device, impl)
 
 
 @functools.lru_cache(maxsize=128)
