@@ -58,11 +58,11 @@ def _timed(fn: Callable[[], None], device: torch.device, repeats: int, warmup: i
 
 
 def bench_training(model_cfg: ModelConfig, chunking: ChunkingConfig, context: int, batch: int, steps: int,
-                   warmup: int, compile_model: bool, device: torch.device, profile: int = 0) -> dict:
+                   warmup: int, compile_model: bool | str, device: torch.device, profile: int = 0) -> dict:
     torch.manual_seed(0)
     model = build_model(model_cfg, chunking).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    step_model = torch.compile(model) if compile_model else model
+    step_model = _compiled(model, compile_model)
     tokens = torch.randint(0, model_cfg.vocab_size, (batch, context + 1), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -97,6 +97,13 @@ def bench_training(model_cfg: ModelConfig, chunking: ChunkingConfig, context: in
     }
 
 
+def _compiled(model: torch.nn.Module, compile_model: bool | str) -> torch.nn.Module:
+    """The model itself, or torch.compile'd (True: the default mode; a string: that mode)."""
+    if not compile_model:
+        return model
+    return torch.compile(model, mode=None if compile_model is True else compile_model)
+
+
 def learnable_tokens(batch: int, length: int, vocab: int, step: int, seed: int = 0) -> torch.Tensor:
     """A batch of a fixed random Markov chain (next = perm[token] 90% of the time): loss falls fast.
 
@@ -114,7 +121,7 @@ def learnable_tokens(batch: int, length: int, vocab: int, step: int, seed: int =
 
 
 def bench_ddp(model_cfg: ModelConfig, chunking: ChunkingConfig, context: int, global_batch: int, steps: int,
-              warmup: int, compile_model: bool, info: distributed.DistInfo, device: torch.device) -> dict:
+              warmup: int, compile_model: bool | str, info: distributed.DistInfo, device: torch.device) -> dict:
     """Data-parallel training as the trainer does it (compile, then DDP): tokens/s and the loss of every step.
 
     Every rank takes its rows of the same global batch, so a one-process run and an
@@ -125,7 +132,7 @@ def bench_ddp(model_cfg: ModelConfig, chunking: ChunkingConfig, context: int, gl
     torch.manual_seed(0)
     model = build_model(model_cfg, chunking).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
-    step_model = torch.compile(model) if compile_model else model
+    step_model = _compiled(model, compile_model)
     if info.enabled:
         step_model = torch.nn.parallel.DistributedDataParallel(
             step_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -236,7 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens-per-step", type=int, default=16 * 1024)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                        help="torch.compile the models (optionally with MODE, e.g. reduce-overhead for CUDA graphs)")
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--strategy", default="cyclic")
     parser.add_argument("--chunk-size", type=int, default=8)
