@@ -13,7 +13,12 @@ in blocks. ``chunk_scan(impl=...)`` picks one of:
 * ``blockdiag``  short chunks: tokens scattered into a padded ``[chunks, longest chunk]`` grid,
                  one decay-masked matmul per chunk, no scan (static shapes, torch.compile-friendly).
 * ``ssd``        any layout: Mamba-2's chunked SSD over fixed blocks, with masks for the resets.
-* ``triton``     mamba_ssm's fused Triton kernels with ``seq_idx`` resets (CUDA only).
+* ``triton``     mamba_ssm's fused Triton kernels with ``seq_idx`` resets (CUDA only; long chunks).
+* ``tiled``      our fused Triton forward and backward for chunks of at most 64 tokens, packed
+                 into tiles (:mod:`attamba.ops.ssm_triton`; CUDA, or Triton's interpreter).
+
+Layouts are analysed on the host once: :func:`plan_scan` returns a :class:`ScanPlan` (cached by
+the layout's contents) and :func:`scan` runs it, so compiled models see no host work.
 
 Shapes: x ``[b, L, h, p]``, dt ``[b, L, h]``, A ``[h]``, B and C ``[b, L, g, n]`` (head ``i`` reads
 group ``i // (h // g)``), D ``[h]``, chunk_start bool ``[L]``, state ``[b, h, p, n]``.
