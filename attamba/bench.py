@@ -122,7 +122,7 @@ def learnable_tokens(batch: int, length: int, vocab: int, step: int, seed: int =
 
 def bench_ddp(model_cfg: ModelConfig, chunking: ChunkingConfig, context: int, global_batch: int, steps: int,
               warmup: int, compile_model: bool | str, info: distributed.DistInfo, device: torch.device) -> dict:
-    """Data-parallel training as the trainer does it (compile, then DDP): tokens/s and the loss of every step.
+    """Data-parallel training as the trainer does it (DDP, then compile): tokens/s and the loss of every step.
 
     Every rank takes its rows of the same global batch, so a one-process run and an
     N-process run optimise the same objective and their loss curves can be compared.
@@ -132,10 +132,11 @@ def bench_ddp(model_cfg: ModelConfig, chunking: ChunkingConfig, context: int, gl
     torch.manual_seed(0)
     model = build_model(model_cfg, chunking).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
-    step_model = _compiled(model, compile_model)
+    step_model: torch.nn.Module = model
     if info.enabled:
         step_model = torch.nn.parallel.DistributedDataParallel(
-            step_model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_model = _compiled(step_model, compile_model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     losses = []
     batches = [learnable_tokens(global_batch, context + 1, model_cfg.vocab_size, step)[info.rank::info.world_size]

@@ -197,11 +197,13 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
             return state["final"]
 
     train_model: torch.nn.Module = model
-    if config.train.compile:
-        train_model = torch.compile(model)
     if dist_info.enabled:
         train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.train.compile:
+        # DDP first: compiling the DDP module splits the graph at its gradient buckets, so
+        # each bucket's all-reduce overlaps the rest of the backward instead of following it
+        train_model = torch.compile(train_model)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
 
