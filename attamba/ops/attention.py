@@ -213,9 +213,11 @@ def _compiled_create_block_mask():
 
 
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
-    # On CPU flex is forward-only and compiling it costs tens of seconds for no
-    # speed-up over the reference; eager there serves to check layouts.
-    attend = _compiled_flex_attention() if q.is_cuda else flex_attention
+    # Inside a compiled model the graph already fuses flex_attention into its kernel. On
+    # CPU flex is forward-only and compiling it costs tens of seconds for no speed-up over
+    # the reference; eager there serves to check layouts.
+    compiled = q.is_cuda and not torch.compiler.is_compiling()
+    attend = _compiled_flex_attention() if compiled else flex_attention
     return attend(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
