@@ -57,6 +57,18 @@ def _timed(fn: Callable[[], None], device: torch.device, repeats: int, warmup: i
     return (time.perf_counter() - start) / repeats
 
 
+def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor,
+                autocast: torch.autocast) -> torch.Tensor:
+    """One optimizer step on next-token prediction over ``tokens [B, L+1]``; returns the (detached) loss."""
+    with autocast:
+        logits = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def bench_training(model_cfg: ModelConfig, chunking: ChunkingConfig, context: int, batch: int, steps: int,
                    warmup: int, compile_model: bool | str, device: torch.device, profile: int = 0) -> dict:
     torch.manual_seed(0)
@@ -67,12 +79,7 @@ def bench_training(model_cfg: ModelConfig, chunking: ChunkingConfig, context: in
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def train_step() -> None:
-        with autocast:
-            logits = step_model(tokens[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _train_step(step_model, optimizer, tokens, autocast)
 
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -143,14 +150,8 @@ def bench_ddp(model_cfg: ModelConfig, chunking: ChunkingConfig, context: int, gl
                .to(device) for step in range(warmup + steps)]  # made up front: the timed loop only trains
 
     def train_step(step: int) -> None:
-        tokens = batches[step]
-        with autocast:
-            logits = step_model(tokens[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(distributed.all_reduce_mean(loss.detach(), info))
+        loss = _train_step(step_model, optimizer, batches[step], autocast)
+        losses.append(distributed.all_reduce_mean(loss, info))
 
     for step in range(warmup):
         train_step(step)

@@ -7,8 +7,6 @@ cannot evaluate), torch.compile with Inductor and speed need a GPU: ``-m gpu``.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -16,16 +14,7 @@ pytest.importorskip("triton", reason="the fused SSD kernels need triton (pip ins
 
 from attamba.ops.ssm import chunk_scan  # noqa: E402
 from attamba.ops.ssm_triton import TileTable, chunk_local_ssd, tile_table  # noqa: E402
-
-
-def starts_at(length: int, positions) -> torch.Tensor:
-    chunk_start = torch.zeros(length, dtype=torch.bool)
-    chunk_start[list(positions)] = True
-    return chunk_start
-
-
-def uniform(length: int, size: int) -> torch.Tensor:
-    return starts_at(length, range(0, length, size))
+from test_ssm import assert_close_to_scale, starts_at, time_fwd_bwd, uniform  # noqa: E402
 
 
 def random_lengths(length: int, longest: int, seed: int) -> torch.Tensor:
@@ -77,13 +66,6 @@ def reference(chunk_start: torch.Tensor):
 
 def fused(table: TileTable):
     return lambda **t: chunk_local_ssd(table=table, **t)
-
-
-def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str) -> None:
-    """Max error at most `rel` times the largest |expected|: rounding grows with magnitude."""
-    error = (actual.double() - expected.double()).abs().max().item()
-    scale = expected.abs().max().item()
-    assert error <= rel * scale, f"{what}: max error {error:.2e} > {rel:.0e} x max |expected| {scale:.2e}"
 
 
 def assert_matches_reference(chunk_start: torch.Tensor, inputs: dict, rel: float, device="cpu",
@@ -258,20 +240,6 @@ def test_cuda_real_size_compiled(dtype, rel):
     assert_close_to_scale(y, y_ref, rel, "y")
     for name in grads:
         assert_close_to_scale(grads[name], grads_ref[name], rel, f"d/d{name}")
-
-
-def time_fwd_bwd(fn, inputs: dict, repeats: int = 20) -> float:
-    """Median milliseconds of one forward + backward."""
-    params = {name: t.detach().clone().requires_grad_() for name, t in inputs.items()}
-    times = []
-    for i in range(repeats + 3):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn(**params).float().sum().backward()
-        torch.cuda.synchronize()
-        if i >= 3:
-            times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 @pytest.mark.gpu

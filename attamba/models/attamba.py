@@ -84,10 +84,8 @@ class AttambaAttention(nn.Module):
     def __init__(self, config: ModelConfig, chunking: ChunkingConfig, layer: int):
         super().__init__()
         self.config = config
-        self.lead = chunking.leading_tokens
-        self.pseudo = chunking.strategy == "pseudo"
-        self.ring = 0 if self.pseudo else self.lead  # pseudo caches every key, so needs no ring
         self.layout = ChunkLayout(chunking, layer, config.n_layers, config.ssm.impl, config.attn_impl)
+        self.ring = 0 if self.layout.pseudo else self.layout.lead  # pseudo caches every key, so needs no ring
         self.n_heads = config.n_heads
         self.wq = nn.Linear(config.dim, config.dim, bias=False)
         self.wo = nn.Linear(config.dim, config.dim, bias=False)
@@ -146,8 +144,8 @@ class AttambaAttention(nn.Module):
         ends_chunk = torch.zeros(capacity)
         ends_chunk[self.layout.intrinsic_positions(capacity)] = 1
         positions = torch.arange(capacity)
-        cached = positions if self.pseudo else ends_chunk.nonzero().flatten()
-        ring_slots = 0 if self.pseudo else self.ring + 1  # the last `lead` tokens and the current one
+        cached = positions if self.layout.pseudo else ends_chunk.nonzero().flatten()
+        ring_slots = 0 if self.layout.pseudo else self.ring + 1  # the last `lead` tokens and the current one
         scratch = len(cached)
         # a cached key's slot becomes visible when the ring lets go of its token
         first_visible = torch.cat([cached + ring_slots, torch.tensor([NEVER]), torch.arange(ring_slots)])

@@ -32,12 +32,15 @@ import os
 import sys
 import types
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:  # imported lazily at run time: it needs triton
+    from attamba.ops.ssm_triton import TileTable
 
 IMPLS = ("auto", "reference", "blockdiag", "ssd", "triton", "tiled")
 BLOCKDIAG_MAX_CHUNK = 64  # longest chunk `auto` sends to the block-diagonal path
@@ -231,17 +234,18 @@ def plan_scan(chunk_start: Tensor, device: torch.device | str, impl: str = "auto
 
 @functools.lru_cache(maxsize=128)
 def _plan_from_bytes(key: bytes, device: torch.device, impl: str) -> ScanPlan:
-    chosen = select_impl(device, _bool_tensor(key), impl)
+    chunk_start = _bool_tensor(key)
+    chosen = select_impl(device, chunk_start, impl)
     tiles = None
     if chosen == "tiled":
         from attamba.ops.ssm_triton import tile_table
 
-        tiles = tile_table(_bool_tensor(key), TILE)
+        tiles = tile_table(chunk_start, TILE)
         if tiles is None:
             raise ValueError(f"model.ssm.impl='tiled' needs every chunk to be at most {TILE} tokens; "
                              f"use model.ssm.impl=auto")
         tiles = tiles.to(device)
-    return ScanPlan(chosen, impl, _bool_tensor(key).to(device), _layout_from_bytes(key, device), tiles)
+    return ScanPlan(chosen, impl, chunk_start.to(device), _layout_from_bytes(key, device), tiles)
 
 
 def chunk_layout(chunk_start: Tensor, device: torch.device | str) -> ChunkLayout:

@@ -162,6 +162,19 @@ def _mm(a, b, dtype: tl.constexpr):
 
 
 @triton.jit
+def _group_scores(B_ptr, C_ptr, batch, group, tokens, valid, pairs,
+                  sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n, N: tl.constexpr, dtype: tl.constexpr):
+    """The tile's B and C [TILE, N] of `group`, and C_t · B_s on the interacting pairs (else 0),
+    which the group's heads share."""
+    n = tl.arange(0, N)
+    B = tl.load(B_ptr + batch * sB_b + tokens[:, None] * sB_l + group * sB_g + n[None, :] * sB_n,
+                mask=valid[:, None], other=0.0)
+    C = tl.load(C_ptr + batch * sC_b + tokens[:, None] * sC_l + group * sC_g + n[None, :] * sC_n,
+                mask=valid[:, None], other=0.0)
+    return B, C, tl.where(pairs, _mm(C, tl.trans(B), dtype), 0.0)
+
+
+@triton.jit
 def _decay(dt_ptr, A_ptr, batch, tokens, valid, head, sdt_b, sdt_l, sdt_h, sA):
     """dt [TILE] (fp32), A_head and exp(min(cs_t - cs_s, 0)) [TILE, TILE].
 
@@ -188,13 +201,8 @@ def _ssd_fwd_kernel(
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     tokens, valid, pairs = _tile_pairs(starts_ptr, lengths_ptr, chunk_id_ptr, TILE)
     p = tl.arange(0, P)
-    n = tl.arange(0, N)
-    B = tl.load(B_ptr + batch * sB_b + tokens[:, None] * sB_l + group * sB_g + n[None, :] * sB_n,
-                mask=valid[:, None], other=0.0)
-    C = tl.load(C_ptr + batch * sC_b + tokens[:, None] * sC_l + group * sC_g + n[None, :] * sC_n,
-                mask=valid[:, None], other=0.0)
-    # C_t · B_s on the interacting pairs, else 0: shared by the group's heads
-    scores = tl.where(pairs, _mm(C, tl.trans(B), dtype), 0.0)
+    B, C, scores = _group_scores(B_ptr, C_ptr, batch, group, tokens, valid, pairs,
+                                 sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n, N, dtype)
 
     for r in range(HEADS_PER_GROUP):
         head = group * HEADS_PER_GROUP + r
@@ -218,17 +226,14 @@ def _ssd_bwd_kernel(
     sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n, sD,
     P: tl.constexpr, N: tl.constexpr, TILE: tl.constexpr, HEADS_PER_GROUP: tl.constexpr,
 ):
-    batch = tl.program_id(1).to(tl.int64)
+    batch = tl.program_id(1).to(tl.int64)  # int64 offsets: b * L * h * p may pass 2**31
     group = tl.program_id(2)
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     tokens, valid, pairs = _tile_pairs(starts_ptr, lengths_ptr, chunk_id_ptr, TILE)
     p = tl.arange(0, P)
     n = tl.arange(0, N)
-    B = tl.load(B_ptr + batch * sB_b + tokens[:, None] * sB_l + group * sB_g + n[None, :] * sB_n,
-                mask=valid[:, None], other=0.0)
-    C = tl.load(C_ptr + batch * sC_b + tokens[:, None] * sC_l + group * sC_g + n[None, :] * sC_n,
-                mask=valid[:, None], other=0.0)
-    scores = tl.where(pairs, _mm(C, tl.trans(B), dtype), 0.0)
+    B, C, scores = _group_scores(B_ptr, C_ptr, batch, group, tokens, valid, pairs,
+                                 sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n, N, dtype)
     dscores = tl.zeros([TILE, TILE], dtype=tl.float32)
     partial = (batch * tl.num_programs(0) + tl.program_id(0)) * n_heads  # [b, n_tiles, h] partial sums
 
