@@ -15,7 +15,7 @@ from typing import Any, Optional
 FAMILIES = ("attamba", "transformer", "mamba2")
 STRATEGIES = ("uniform", "cyclic", "random", "pseudo")
 SSM_IMPLS = ("auto", "reference", "blockdiag", "ssd", "triton", "tiled")
-ATTN_IMPLS = ("auto", "reference", "flex")
+ATTN_IMPLS = ("auto", "reference", "flash", "flex")
 INIT_DEPTHS = ("none", "current", "global")
 MATCH_TARGETS = ("kv_cache", "flops", "params")
 DEVICES = ("auto", "cpu", "cuda")
@@ -86,7 +86,7 @@ class ModelConfig:
     ssm: SSMConfig = field(default_factory=SSMConfig)
     init_std: Optional[float] = None  # None = dim ** -0.5
     init_depth: str = "current"  # none | current | global depth scaling of output projections
-    attn_impl: str = "auto"  # auto | reference | flex
+    attn_impl: str = "auto"  # auto | reference | flash | flex
     # A baseline declared by what it matches against the sweep's Attamba settings;
     # resolved to a concrete attn_dim at compose time (attamba.accounting).
     match: Optional[str] = None

@@ -1,18 +1,22 @@
 """Attention kernels against brute-force definitions.
 
 Oracles: masks built by a double loop over (query, key); attention written out
-as an explicit masked softmax in float64. The fast paths (FlexAttention) are
-compared with the SDPA reference, forward on CPU and forward + backward on CUDA.
+as an explicit masked softmax in float64. The fast paths are compared with
+them: the phase-folded flash decomposition forward + backward everywhere (its
+dense fp32/fp64 form on CPU, the flash kernel on CUDA), FlexAttention forward on
+CPU and forward + backward on CUDA.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 
 from attamba.ops.attention import boundary_mask, causal_attention, chunk_attention, sliding_window_mask
+from attamba.ops.chunk_flash import phase_table
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # Eager FlexAttention (the CPU path) warns that it is unfused; that is the point there.
@@ -180,10 +184,10 @@ def test_no_output_depends_on_a_later_token(attention, changed):
 
 def test_bad_impl_names_the_setting_and_choices():
     q, k, v = random_qkv(8)
-    with pytest.raises(ValueError, match=r"model\.attn_impl.*auto, reference, flex"):
+    with pytest.raises(ValueError, match=r"model\.attn_impl.*auto, reference, flash, flex"):
         chunk_attention(q, k, v, uniform_layout(8, 4), 2, impl="dense")
     with pytest.raises(ValueError, match=r"model\.attn_impl"):
-        causal_attention(q, k, v, impl="flash")
+        causal_attention(q, k, v, impl="dense")
 
 
 @pytest.mark.parametrize("call", [
@@ -197,6 +201,46 @@ def test_bad_inputs_raise_value_error(call):
     q, k, v = random_qkv(8)
     with pytest.raises(ValueError):
         call(q, k, v)
+
+
+# ---------------------------------------------------------------------------
+# Phase-folded flash decomposition against the definition (CPU: its dense form, float64)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("lead", [0, 1, 3, 8])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_chunk_flash_matches_naive(layout, lead, kv_heads):
+    boundary = LAYOUTS[layout]()
+    q, k, v = random_qkv(boundary.shape[0], kv_heads=kv_heads)
+    expected = forward_backward(lambda *t: naive_attention(*t, brute_force_chunk_mask(boundary, lead)), q, k, v)
+    actual = forward_backward(lambda *t: chunk_attention(*t, boundary, lead, impl="flash"), q, k, v)
+    assert_all_close(actual, expected)
+
+
+@pytest.mark.parametrize("layout,lead", [("uniform", 1), ("shifted", 8), ("random", 3), ("short", 2)])
+def test_phase_table_places_every_query_that_sees_a_boundary_once(layout, lead):
+    boundary = LAYOUTS[layout]()
+    length = boundary.shape[0]
+    table = phase_table(boundary, lead, torch.device("cpu"))
+    mask = brute_force_chunk_mask(boundary, lead)
+    n = table.keys.numel()
+    for t in range(length):
+        past = [s for s in range(length) if mask[t, s] and s < t - lead]
+        if not past:
+            assert table.fold_index[t] == table.phases * n
+            continue
+        slot = int(table.fold_index[t])
+        assert table.slots[slot] == t and table.real[slot] == 1
+        # its folded index m - 1 sees gathered keys 0 .. m - 1: exactly its past boundaries
+        assert table.keys[: slot % n + 1].tolist() == past
+    assert int(table.real.sum()) == int((table.fold_index < table.phases * n).sum())
+
+
+def test_regular_chunks_fold_into_p_phases_without_padding():
+    table = phase_table(uniform_layout(1024, 8, shift=3), 8, torch.device("cpu"))
+    assert table.phases == 8
+    assert table.real.mean() > 0.99  # only the first and last groups are short
 
 
 # ---------------------------------------------------------------------------
@@ -238,10 +282,11 @@ def test_window_flex_matches_reference_on_cpu():
     pytest.param(1000, random_layout(1000, 8, seed=7), 8, 2, id="random-1000"),
     pytest.param(1024, uniform_layout(1024, 16, shift=9), 1, 4, id="shifted-1024"),
 ])
-def test_chunk_flex_matches_reference_on_cuda(length, boundary, lead, kv_heads):
+@pytest.mark.parametrize("impl", ["flex", "flash"])
+def test_chunk_fast_paths_match_reference_on_cuda(length, boundary, lead, kv_heads, impl):
     q, k, v = random_qkv(length, kv_heads=kv_heads, dim=64, dtype=torch.float32, device="cuda")
     on_cuda = boundary.cuda()
-    actual = forward_backward(lambda *t: chunk_attention(*t, on_cuda, lead, impl="flex"), q, k, v)
+    actual = forward_backward(lambda *t: chunk_attention(*t, on_cuda, lead, impl=impl), q, k, v)
     expected = forward_backward(lambda *t: chunk_attention(*t, on_cuda, lead, impl="reference"), q, k, v)
     assert_all_close(actual, expected, atol=2e-5, rtol=1e-4)
 
@@ -271,19 +316,21 @@ def max_errors(actual, expected) -> list[float]:
 
 @pytest.mark.gpu
 @needs_cuda
-def test_chunk_flex_bf16_at_16k_tokens():
-    """bf16 flex and bf16 reference stray from the fp32 reference by about as much."""
+@pytest.mark.parametrize("kv_heads", [8, 2])
+def test_chunk_fast_paths_bf16_at_16k_tokens(kv_heads):
+    """bf16 flash (its kernel, eager and compiled), bf16 flex and bf16 reference stray from fp32 alike."""
     q, k, v, boundary = long_inputs(16384, torch.float32)
+    k, v = (t.detach()[:, :kv_heads].clone().requires_grad_() for t in (k, v))
     exact = forward_backward(lambda *t: chunk_attention(*t, boundary, LONG["lead"], impl="reference"), q, k, v)
     half = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
-    errors = {
-        impl: max_errors(forward_backward(lambda *t: chunk_attention(*t, boundary, LONG["lead"], impl=impl),
-                                          *half), exact)
-        for impl in ("flex", "reference")
-    }
-    print(f"\nmax |bf16 - fp32 reference| (out, dq, dk, dv): {errors}")
-    for flex_error, reference_error in zip(errors["flex"], errors["reference"]):
-        assert flex_error <= 2 * reference_error + 1e-3
+    attend = {impl: functools.partial(chunk_attention, boundary=boundary, leading_tokens=LONG["lead"], impl=impl)
+              for impl in ("flash", "flex", "reference")}
+    attend["flash compiled"] = torch.compile(attend["flash"], fullgraph=True)
+    errors = {name: max_errors(forward_backward(fn, *half), exact) for name, fn in attend.items()}
+    print(f"\nmax |bf16 - fp32 reference| (out, dq, dk, dv), {kv_heads} kv heads: {errors}")
+    for name in ("flash", "flash compiled", "flex"):
+        for error, reference_error in zip(errors[name], errors["reference"]):
+            assert error <= 2 * reference_error + 1e-3, name
 
 
 def time_forward_backward(fn, q, k, v, repeats: int = 10) -> float:
@@ -307,9 +354,10 @@ def time_forward_backward(fn, q, k, v, repeats: int = 10) -> float:
 @needs_cuda
 @pytest.mark.parametrize("length", [16384, 65536])
 def test_print_attention_timings(length):
-    """Printed, not asserted: flex chunk attention vs flash causal vs the dense-mask reference."""
+    """Printed, not asserted: chunk attention (flash, flex) vs flash causal vs the dense-mask reference."""
     q, k, v, boundary = long_inputs(length, torch.bfloat16)
     kernels = {
+        "chunk flash": torch.compile(lambda *t: chunk_attention(*t, boundary, LONG["lead"], impl="flash")),
         "chunk flex": lambda *t: chunk_attention(*t, boundary, LONG["lead"], impl="flex"),
         "causal flash": lambda *t: causal_attention(*t),
         "chunk reference": lambda *t: chunk_attention(*t, boundary, LONG["lead"], impl="reference"),

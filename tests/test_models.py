@@ -134,11 +134,26 @@ def test_init_follows_the_paper():
     assert deep < shallow  # depth-scaled output projections
 
 
+@pytest.mark.parametrize("strategy", ["uniform", "cyclic", "random"])
+def test_flash_attention_path_matches_the_reference_in_the_model(strategy):
+    """The phase-folded decomposition (dense form on CPU) inside the whole model, forward and backward."""
+    models = {impl: model_of("attamba", strategy=strategy, size=4, lead=3, attn_impl=impl)
+              for impl in ("reference", "flash")}
+    tokens = torch.randint(0, 97, (2, 37))
+    logits = {impl: model(tokens) for impl, model in models.items()}
+    torch.testing.assert_close(logits["flash"], logits["reference"], atol=1e-5, rtol=1e-5)
+    for impl in models:
+        logits[impl].square().mean().backward()
+    for (name, fast), slow in zip(models["flash"].named_parameters(), models["reference"].parameters()):
+        torch.testing.assert_close(fast.grad, slow.grad, atol=1e-6, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("strategy", ["cyclic", "random"])
 @pytest.mark.parametrize("ssm_impl", ["auto", "triton", "tiled"])
-def test_cuda_fast_paths_match_the_cpu_reference_forward_and_backward(strategy, ssm_impl):
-    """The whole model with FlexAttention and each CUDA scan against the plain-PyTorch oracle."""
+@pytest.mark.parametrize("attn_impl", ["flash", "flex"])
+def test_cuda_fast_paths_match_the_cpu_reference_forward_and_backward(strategy, ssm_impl, attn_impl):
+    """The whole model with each fast attention and CUDA scan against the plain-PyTorch oracle."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from attamba.ops.ssm import triton_available
@@ -149,7 +164,7 @@ def test_cuda_fast_paths_match_the_cpu_reference_forward_and_backward(strategy, 
     # head dims 16: FlexAttention's and the fused scan's minimum (tl.dot)
     config = dataclasses.replace(tiny("attamba"), n_heads=2, ssm=SSMConfig(state_dim=16, hidden=32, heads=2, conv=4))
     reference_cfg = dataclasses.replace(config, attn_impl="reference", ssm=dataclasses.replace(config.ssm, impl="reference"))
-    fast_cfg = dataclasses.replace(config, attn_impl="flex", ssm=dataclasses.replace(config.ssm, impl=ssm_impl))
+    fast_cfg = dataclasses.replace(config, attn_impl=attn_impl, ssm=dataclasses.replace(config.ssm, impl=ssm_impl))
     chunking = ChunkingConfig(strategy=strategy, size=8, leading_tokens=4)
     reference = build_model(reference_cfg, chunking)
     fast = build_model(fast_cfg, chunking).cuda()
@@ -161,5 +176,5 @@ def test_cuda_fast_paths_match_the_cpu_reference_forward_and_backward(strategy, 
     forward_err = (fast_logits.cpu() - ref_logits).abs().max().item()
     grad_err = max((pf.grad.cpu() - pr.grad).abs().max().item() / (pr.grad.abs().max().item() + 1e-12)
                    for pf, pr in zip(fast.parameters(), reference.parameters()))
-    print(f"\n[{strategy}, ssm={ssm_impl}] max |logits diff| {forward_err:.2e}, max relative grad diff {grad_err:.2e}")
+    print(f"\n[{strategy}, ssm={ssm_impl}, attn={attn_impl}] max |logits diff| {forward_err:.2e}, max relative grad diff {grad_err:.2e}")
     assert forward_err < 1e-3 and grad_err < 1e-2

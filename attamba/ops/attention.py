@@ -5,10 +5,15 @@ with ``h % h_kv == 0`` (GQA), RoPE already applied; outputs are ``[b, h, L, d]``
 in ``q``'s dtype; the softmax scale is ``1/sqrt(d)``.
 
 Attamba's mask: query t sees key s iff ``(s < t and boundary[s])`` or
-``t - lead <= s <= t``. Two implementations, picked by ``impl``
+``t - lead <= s <= t``. Three implementations, picked by ``impl``
 (``model.attn_impl``):
 
 * ``reference``: SDPA with the dense ``[L, L]`` mask. Runs anywhere; the oracle.
+* ``flash``: flash attention's causal kernel over the ``~L/P`` boundary keys, the
+  queries folded into phases, plus a ``lead + 1`` key band, merged by log-sum-exp
+  (:mod:`attamba.ops.chunk_flash`). The fastest on CUDA (bf16/fp16); elsewhere the
+  same decomposition runs in dense fp32 matrices, which the tests check against
+  the reference.
 * ``flex``: never builds an ``L x L`` mask. The boundary keys/values are gathered
   once and put in front of all keys, ``[k_boundary | k]``, and a FlexAttention
   block mask lets query t see gathered key j iff ``pos[j] < t - lead`` (so a
@@ -16,7 +21,7 @@ Attamba's mask: query t sees key s iff ``(s < t and boundary[s])`` or
   ``t - lead <= s <= t``. The gathered part is causal-like over
   ``L/P`` keys and the raw part a narrow band, so almost every block is skipped.
   Fast and differentiable on CUDA; on CPU FlexAttention runs forward only.
-* ``auto``: ``flex`` on CUDA, ``reference`` elsewhere.
+* ``auto``: ``flash`` on CUDA, ``reference`` elsewhere.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from attamba.config import ATTN_IMPLS
+from attamba.ops.chunk_flash import PhaseTable, chunk_flash_attention, phase_table
 
 # FlexAttention's sparse block size. The gathered keys are padded to a multiple
 # of it so the raw keys start on a block edge and the KV length varies little
@@ -78,8 +84,9 @@ def chunk_attention(
 
     ``boundary`` is a bool ``[L]`` layout shared by the batch (any device).
     ``impl``: ``"reference"`` = SDPA with the dense mask (CPU/CUDA, the oracle);
+    ``"flash"`` = phase-folded flash attention plus a band (fast on CUDA, exact anywhere);
     ``"flex"`` = FlexAttention over ``[gathered boundary keys | all keys]``, no
-    ``L x L`` mask (CUDA; forward-only on CPU); ``"auto"`` = flex on CUDA, else reference.
+    ``L x L`` mask (CUDA; forward-only on CPU); ``"auto"`` = flash on CUDA, else reference.
     Models prepare the mask once with :func:`chunk_mask` and call :func:`attend_chunks`.
     """
     _check_qkv(q, k, v)
@@ -99,7 +106,8 @@ class ChunkMask:
 
     boundary: torch.Tensor  # bool [L] on the device
     leading_tokens: int
-    impl: str  # "reference" or "flex"
+    impl: str  # "reference", "flash" or "flex"
+    table: PhaseTable | None = None  # flash: where each query goes in the phase-folded attention
     key_index: torch.Tensor | None = None  # flex: source token of every key in [gathered | raw]
     block_mask: BlockMask | None = None  # flex: the sparse block mask over those keys
 
@@ -108,7 +116,7 @@ def chunk_mask(boundary: torch.Tensor, leading_tokens: int, device: torch.device
     """The (cached) :class:`ChunkMask` of a bool ``[L]`` boundary layout on ``device``."""
     _check_leading_tokens(leading_tokens)
     device = torch.device(device)
-    resolved = _resolve_impl(impl, device, _FLEX_MIN_HEAD_DIM)
+    resolved = _resolve_impl(impl, device)
     contents = boundary.detach().to("cpu", torch.bool).numpy().tobytes()
     return _build_chunk_mask(contents, leading_tokens, device, resolved)
 
@@ -116,6 +124,8 @@ def chunk_mask(boundary: torch.Tensor, leading_tokens: int, device: torch.device
 def attend_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: ChunkMask) -> torch.Tensor:
     """Attamba attention under a prepared :class:`ChunkMask` (no host work: safe to compile)."""
     _check_qkv(q, k, v)
+    if mask.impl == "flash":
+        return chunk_flash_attention(q, k, v, mask.table)
     if mask.impl == "flex" and q.shape[-1] >= _FLEX_MIN_HEAD_DIM:
         # One gather builds [gathered boundary keys | all keys]; its backward
         # scatter-adds into k and v, so boundary tokens get both gradients.
@@ -140,12 +150,12 @@ def causal_attention(
     dense window mask under ``"reference"`` (``"auto"`` elsewhere).
     """
     _check_qkv(q, k, v)
-    resolved = _resolve_impl(impl, q.device, q.shape[-1])
+    resolved = _resolve_impl(impl, q.device)
     length = q.shape[2]
     if window is None or window >= length:
         return _sdpa(q, k, v, is_causal=True)
     _check_window(window)
-    if resolved == "flex":
+    if resolved != "reference" and q.shape[-1] >= _FLEX_MIN_HEAD_DIM:  # FlexAttention runs the window
         block_mask = _window_block_mask(length, window, q.device)
         return _flex(q, k, v, block_mask)
     return _sdpa(q, k, v, attn_mask=sliding_window_mask(length, window, q.device))
@@ -159,12 +169,12 @@ def causal_attention(
 _FLEX_MIN_HEAD_DIM = 16
 
 
-def _resolve_impl(impl: str, device: torch.device, head_dim: int) -> str:
-    """``"reference"`` or ``"flex"`` for ``impl`` on ``device``."""
+def _resolve_impl(impl: str, device: torch.device) -> str:
+    """``"reference"``, ``"flash"`` or ``"flex"`` for ``impl`` on ``device``."""
     if impl not in ATTN_IMPLS:
         raise ValueError(f"model.attn_impl: got {impl!r}, allowed values are {', '.join(ATTN_IMPLS)}")
     if impl == "auto":
-        return "flex" if device.type == "cuda" and head_dim >= _FLEX_MIN_HEAD_DIM else "reference"
+        return "flash" if device.type == "cuda" else "reference"
     return impl
 
 
@@ -247,6 +257,8 @@ def _window_block_mask(length: int, window: int, device: torch.device) -> BlockM
 def _build_chunk_mask(contents: bytes, leading_tokens: int, device: torch.device, impl: str) -> ChunkMask:
     """The mask of the layout whose bool bytes are ``contents``; for flex, its gather index and block mask."""
     boundary = torch.frombuffer(bytearray(contents), dtype=torch.bool)
+    if impl == "flash":
+        return ChunkMask(boundary.to(device), leading_tokens, impl, table=phase_table(boundary, leading_tokens, device))
     if impl != "flex":
         return ChunkMask(boundary.to(device), leading_tokens, impl)
     length = boundary.shape[0]
@@ -269,4 +281,4 @@ def _build_chunk_mask(contents: bytes, leading_tokens: int, device: torch.device
         return torch.where(kv_idx < n_gathered, kv_idx < n_visible[q_idx], in_band)
 
     block_mask = _block_mask(visible, length, n_gathered + length, device)
-    return ChunkMask(boundary.to(device), leading_tokens, impl, key_index, block_mask)
+    return ChunkMask(boundary.to(device), leading_tokens, impl, key_index=key_index, block_mask=block_mask)

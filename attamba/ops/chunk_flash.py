@@ -1,0 +1,267 @@
+"""Attamba's chunk attention on flash attention's dense causal kernel (``model.attn_impl=flash``).
+
+Query t sees two disjoint key sets:
+
+* the *band*: keys ``t - lead .. t`` (at most ``lead + 1`` of them), and
+* the *past boundaries*: boundary keys ``s < t - lead``. Boundaries are sorted, so
+  this is a prefix of the gathered boundary keys, of length ``n_visible(t)``.
+
+The second set is a causal attention in disguise. Number the queries that see
+``m >= 1`` boundaries as group ``m``; put the ``r``-th query of every group in
+*phase* ``r``. Within a phase, the query of group ``m`` sits at index ``m - 1`` and
+sees gathered keys ``0 .. m - 1``: plain top-left causal attention over ``n`` keys.
+The phases become extra query heads sharing their key/value head (GQA), so one
+flash call does all of them with ``~L/P`` keys instead of ``L``. Regular chunks
+have phases of ``P`` queries; irregular ones pad the short groups.
+
+The band is ``lead + 1`` dot products per query, computed in plain PyTorch (fused
+by the compiler). The two parts are merged through their log-sum-exps. Their
+backward passes run on the *merged* output and log-sum-exp, which makes each part's
+gradient that of the one joint softmax (as ring attention does), so flash's own
+backward kernel serves unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PhaseTable:
+    """Where every query goes in the phase-folded causal attention, for one layout."""
+
+    keys: torch.Tensor  # long [n]: the token of each gathered boundary key
+    slots: torch.Tensor  # long [phases * n]: the token of each folded query (padding: token 0)
+    fold_index: torch.Tensor  # long [L]: each token's folded slot; phases * n if it sees no boundary
+    real: torch.Tensor  # float [phases * n]: 1 for slots holding a query, 0 for padding
+    phases: int
+    lead: int
+
+
+def phase_table(boundary: torch.Tensor, lead: int, device: torch.device) -> PhaseTable:
+    """The :class:`PhaseTable` of a bool ``[L]`` boundary layout (host work, done once per layout)."""
+    length = boundary.shape[0]
+    boundaries = boundary.cpu().nonzero().flatten()
+    n_visible = torch.searchsorted(boundaries, torch.arange(length) - lead)
+    n = int(n_visible.max()) if length else 0
+    seeing = (n_visible > 0).nonzero().flatten()
+    groups = n_visible[seeing] - 1  # the folded index of each query that sees a boundary
+    group_sizes = torch.bincount(groups, minlength=n)
+    phases = int(group_sizes.max()) if n else 0
+    # the rank of each query within its group (queries of a group are consecutive tokens)
+    group_start = torch.cumsum(group_sizes, 0) - group_sizes
+    phase = torch.arange(len(seeing)) - group_start[groups]
+    slot = phase * n + groups
+    slots = torch.zeros(phases * n, dtype=torch.long)
+    slots[slot] = seeing
+    fold_index = torch.full((length,), phases * n, dtype=torch.long)
+    fold_index[seeing] = slot
+    real = torch.zeros(phases * n)
+    real[slot] = 1
+    return PhaseTable(boundaries[:n].to(device), slots.to(device), fold_index.to(device), real.to(device),
+                      phases, lead)
+
+
+def chunk_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: PhaseTable) -> torch.Tensor:
+    """Attamba attention of ``q [b, h, L, d]`` over ``k, v [b, h_kv, L, d]`` for the layout of ``table``."""
+    # The table goes in as tensors and ints, which torch.compile traces through an autograd.Function.
+    return _ChunkFlash.apply(q, k, v, table.keys, table.slots, table.fold_index, table.real, table.phases,
+                             table.lead)
+
+
+class _ChunkFlash(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, keys, slots, fold_index, real, phases: int, lead: int):
+        table = PhaseTable(keys, slots, fold_index, real, phases, lead)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        band_out, band_lse = _band_forward(q, k, v, lead, scale)
+        kernel_state = ()
+        if phases:
+            past_out, past_lse, kernel_state = _past_forward(q, k, v, table, scale)
+            lse = torch.logaddexp(band_lse, past_lse)
+            out = (band_out * (band_lse - lse).exp().unsqueeze(-1)
+                   + past_out * (past_lse - lse).exp().unsqueeze(-1))
+        else:
+            out, lse = band_out, band_lse
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, keys, slots, fold_index, real, *kernel_state)
+        ctx.phases, ctx.lead, ctx.scale = phases, lead, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, keys, slots, fold_index, real, *kernel_state = ctx.saved_tensors
+        table, scale = PhaseTable(keys, slots, fold_index, real, ctx.phases, ctx.lead), ctx.scale
+        grad_out = grad_out.contiguous()
+        dq, dk, dv = _band_backward(grad_out, q, k, v, out, lse, table.lead, scale)
+        if table.phases:
+            past_dq, past_dk, past_dv = _past_backward(grad_out, q, k, v, out, lse, table, scale, kernel_state)
+            dq = dq + past_dq
+            dk = dk.index_add(2, table.keys, past_dk)
+            dv = dv.index_add(2, table.keys, past_dv)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------
+# The band: keys t - lead .. t, as lead + 1 shifted dot products (fp32)
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in at least fp32: the band, the merge and gradients accumulate there."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _shift(x: torch.Tensor, offset: int) -> torch.Tensor:
+    """``x`` moved ``offset`` positions along dim -2: ``out[t] = x[t - offset]``, zeros where out of range."""
+    if offset == 0:
+        return x
+    length = x.shape[-2]
+    if abs(offset) >= length:
+        return torch.zeros_like(x)
+    pad = torch.zeros_like(x[..., :abs(offset), :])
+    if offset > 0:
+        return torch.cat([pad, x[..., :length - offset, :]], dim=-2)
+    return torch.cat([x[..., -offset:, :], pad], dim=-2)
+
+
+def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``[b, h, L, d]`` -> ``[b, h_kv, h / h_kv, L, d]``: query heads grouped under their key/value head."""
+    b, h, length, d = q.shape
+    return q.view(b, kv_heads, h // kv_heads, length, d)
+
+
+def _band_scores(q: torch.Tensor, k: torch.Tensor, lead: int, scale: float) -> torch.Tensor:
+    """``[..., L, lead + 1]``: ``scale * q[t] . k[t - w]``, ``-inf`` where ``t - w < 0``."""
+    length = q.shape[-2]
+    scores = torch.stack([(q * _shift(k, w)).sum(-1) for w in range(lead + 1)], dim=-1) * scale
+    before_start = torch.arange(lead + 1, device=q.device) > torch.arange(length, device=q.device)[:, None]
+    return scores.masked_fill(before_start, float("-inf"))
+
+
+def _band_mix(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out[t] = sum_w p[t, w] x[t - w]``."""
+    return sum(p[..., w, None] * _shift(x, w) for w in range(p.shape[-1]))
+
+
+def _band_spread(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The adjoint of :func:`_band_mix` in its second argument: ``out[s] = sum_w p[s + w, w] x[s + w]``."""
+    return sum(_shift(p[..., w, None] * x, -w) for w in range(p.shape[-1]))
+
+
+def _band_forward(q, k, v, lead: int, scale: float):
+    kv_heads = k.shape[1]
+    qg, kg, vg = _grouped(_wide(q), kv_heads), _wide(k).unsqueeze(2), _wide(v).unsqueeze(2)
+    scores = _band_scores(qg, kg, lead, scale)
+    lse = scores.logsumexp(-1)
+    out = _band_mix((scores - lse.unsqueeze(-1)).exp(), vg)
+    return out.flatten(1, 2), lse.flatten(1, 2)
+
+
+def _band_backward(grad_out, q, k, v, out, lse, lead: int, scale: float):
+    kv_heads = k.shape[1]
+    qg, kg, vg = _grouped(_wide(q), kv_heads), _wide(k).unsqueeze(2), _wide(v).unsqueeze(2)
+    dout, outg = _grouped(_wide(grad_out), kv_heads), _grouped(_wide(out), kv_heads)
+    lseg = lse.view(qg.shape[:-1])
+    p = (_band_scores(qg, kg, lead, scale) - lseg.unsqueeze(-1)).exp()  # under the joint softmax
+    dp = _band_scores(dout, vg, lead, 1.0).nan_to_num(neginf=0.0)
+    delta = (dout * outg).sum(-1, keepdim=True)
+    ds = p * (dp - delta) * scale
+    dq = _band_mix(ds, kg).flatten(1, 2)
+    dk = _band_spread(ds, qg).sum(2)
+    dv = _band_spread(p, dout).sum(2)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------
+# The past boundaries: phase-folded causal flash attention
+
+
+def _fold(x: torch.Tensor, table: PhaseTable) -> torch.Tensor:
+    """``[b, h, L, d]`` -> ``[b, h * phases, n, d]``: queries in their phase and group."""
+    b, h, _, d = x.shape
+    return x.index_select(2, table.slots).view(b, h * table.phases, -1, d)
+
+
+def _unfold(x: torch.Tensor, table: PhaseTable, fill: float) -> torch.Tensor:
+    """Folded ``[b, h * phases, n, ...]`` -> ``[b, h, L, ...]``; ``fill`` for tokens that see no boundary."""
+    b, hp, n = x.shape[:3]
+    flat = x.reshape(b, hp // table.phases, table.phases * n, *x.shape[3:])
+    padding = flat.new_full((*flat.shape[:2], 1, *flat.shape[3:]), fill)
+    return torch.cat([flat, padding], dim=2).index_select(2, table.fold_index)
+
+
+def _past_forward(q, k, v, table: PhaseTable, scale: float):
+    keys, values = k.index_select(2, table.keys), v.index_select(2, table.keys)
+    out, lse, kernel_state = _causal_forward(_fold(q, table), keys, values, scale)
+    return (_unfold(_wide(out), table, 0.0), _unfold(lse.unsqueeze(-1), table, float("-inf")).squeeze(-1),
+            kernel_state)
+
+
+def _past_backward(grad_out, q, k, v, out, lse, table: PhaseTable, scale: float, kernel_state):
+    keys, values = k.index_select(2, table.keys), v.index_select(2, table.keys)
+    # Padding slots get a zero gradient, so they add nothing (their log-sum-exp, token 0's, is finite).
+    grad_folded = (_fold(grad_out, table).unflatten(1, (-1, table.phases))
+                   * table.real.view(table.phases, -1, 1)).flatten(1, 2)
+    folded_lse = _fold(lse.unsqueeze(-1), table).squeeze(-1)
+    dq, dkeys, dvalues = _causal_backward(grad_folded, _fold(q, table), keys, values,
+                                          _fold(out, table), folded_lse, scale, kernel_state)
+    b, h, _, d = q.shape
+    dq = torch.zeros_like(_wide(q)).index_add(2, table.slots, _wide(dq.reshape(b, h, -1, d)))
+    return dq, _wide(dkeys), _wide(dvalues)
+
+
+def _flash_eligible(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def _causal_forward(q, k, v, scale: float):
+    """Top-left causal attention of ``q [b, h, n, d]`` over ``k, v [b, h_kv, n, d]``.
+
+    Returns the output, the log-sum-exp, and the tensors the flash backward wants back
+    (its sequence offsets and RNG state).
+    """
+    if _flash_eligible(q):
+        out, lse, cum_q, cum_k, _, _, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, True, False, scale=scale)
+        return out, lse, (cum_q, cum_k, seed, offset)
+    # fp32, or no GPU: the same arithmetic in dense matrices (the flash kernel takes half precision on CUDA)
+    scores = _causal_scores(q, k, scale)
+    lse = scores.logsumexp(-1)
+    return (scores - lse.unsqueeze(-1)).exp() @ _grouped_kv(v, q), lse, ()
+
+
+def _causal_backward(grad_out, q, k, v, out, lse, scale: float, kernel_state):
+    """Gradients of :func:`_causal_forward` given the (joint) output and log-sum-exp of every query."""
+    if _flash_eligible(q):
+        n = q.shape[2]
+        cum_q, cum_k, seed, offset = kernel_state
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            grad_out.to(q.dtype), q, k, v, out.contiguous(), lse.contiguous(), cum_q, cum_k, n, n, 0.0, True,
+            seed, offset, scale=scale)
+    grad_out, out = _wide(grad_out), _wide(out)
+    p = (_causal_scores(q, k, scale) - lse.unsqueeze(-1)).exp()
+    dp = grad_out @ _grouped_kv(v, q).transpose(-1, -2)
+    ds = p * (dp - (grad_out * out).sum(-1, keepdim=True)) * scale
+    dq = ds @ _grouped_kv(k, q)
+    dk, dv = ds.transpose(-1, -2) @ _wide(q), p.transpose(-1, -2) @ grad_out
+    return dq, _sum_groups(dk, k.shape[1]), _sum_groups(dv, k.shape[1])
+
+
+def _causal_scores(q, k, scale: float) -> torch.Tensor:
+    n = q.shape[2]
+    scores = _wide(q) @ _grouped_kv(k, q).transpose(-1, -2) * scale
+    future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+    return scores.masked_fill(future, float("-inf"))
+
+
+def _grouped_kv(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Key/value heads repeated to match ``q``'s heads, in fp32."""
+    return _wide(x).repeat_interleave(q.shape[1] // x.shape[1], dim=1)
+
+
+def _sum_groups(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    b, h, n, d = x.shape
+    return x.view(b, kv_heads, h // kv_heads, n, d).sum(2)
