@@ -15,7 +15,8 @@ import math
 import pytest
 import torch
 
-from attamba.ops.attention import boundary_mask, causal_attention, chunk_attention, sliding_window_mask
+from attamba.ops.attention import (attend_chunks, boundary_mask, causal_attention, chunk_attention, chunk_mask,
+                                  sliding_window_mask)
 from attamba.ops.chunk_flash import phase_table
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -218,6 +219,18 @@ def test_chunk_flash_matches_naive(layout, lead, kv_heads):
     assert_all_close(actual, expected)
 
 
+def test_chunk_flash_under_autocast_takes_mixed_dtypes_like_sdpa():
+    """In a model q comes out of a bf16 matmul and k, v out of an fp32 scan; both paths cast alike."""
+    boundary = LAYOUTS["shifted"]()
+    q, k, v = random_qkv(boundary.shape[0], dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        results = {impl: forward_backward(lambda *t: chunk_attention(t[0].bfloat16(), t[1], t[2], boundary, 3,
+                                                                     impl=impl), q, k, v)
+                   for impl in ("flash", "reference")}
+    assert results["flash"][0].dtype == torch.bfloat16
+    assert_all_close(results["flash"], results["reference"], atol=3e-2, rtol=3e-2)
+
+
 @pytest.mark.parametrize("layout,lead", [("uniform", 1), ("shifted", 8), ("random", 3), ("short", 2)])
 def test_phase_table_places_every_query_that_sees_a_boundary_once(layout, lead):
     boundary = LAYOUTS[layout]()
@@ -325,7 +338,8 @@ def test_chunk_fast_paths_bf16_at_16k_tokens(kv_heads):
     half = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
     attend = {impl: functools.partial(chunk_attention, boundary=boundary, leading_tokens=LONG["lead"], impl=impl)
               for impl in ("flash", "flex", "reference")}
-    attend["flash compiled"] = torch.compile(attend["flash"], fullgraph=True)
+    flash_mask = chunk_mask(boundary, LONG["lead"], boundary.device, "flash")
+    attend["flash compiled"] = functools.partial(torch.compile(attend_chunks, fullgraph=True), mask=flash_mask)
     errors = {name: max_errors(forward_backward(fn, *half), exact) for name, fn in attend.items()}
     print(f"\nmax |bf16 - fp32 reference| (out, dq, dk, dv), {kv_heads} kv heads: {errors}")
     for name in ("flash", "flash compiled", "flex"):

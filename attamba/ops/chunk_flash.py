@@ -67,6 +67,13 @@ def phase_table(boundary: torch.Tensor, lead: int, device: torch.device) -> Phas
 
 def chunk_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: PhaseTable) -> torch.Tensor:
     """Attamba attention of ``q [b, h, L, d]`` over ``k, v [b, h_kv, L, d]`` for the layout of ``table``."""
+    # One dtype for all three, as SDPA would pick (the autocast one inside autocast): the
+    # backward runs outside autocast, and the flash kernel wants them alike.
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+    else:
+        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     # The table goes in as tensors and ints, which torch.compile traces through an autograd.Function.
     return _ChunkFlash.apply(q, k, v, table.keys, table.slots, table.fold_index, table.real, table.phases,
                              table.lead)
