@@ -28,7 +28,7 @@ from attamba import accounting, distributed
 from attamba.config import ChunkingConfig, ModelConfig, SSMConfig
 from attamba.inference import Generator
 from attamba.models import build_model
-from attamba.trainer import peak_flops
+from attamba.trainer import compile_for_training, peak_flops
 
 
 def paper_models(vocab: int, strategy: str, size: int, lead: int, ssm_impl: str = "auto",
@@ -89,6 +89,7 @@ def bench_training(model_cfg: ModelConfig, chunking: ChunkingConfig, context: in
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     seconds = _timed(train_step, device, steps, warmup)
+    host_ms = _host_ms(train_step, device)
     if profile:
         _profile(train_step, profile)
     tokens_per_s = batch * context / seconds
@@ -97,6 +98,7 @@ def bench_training(model_cfg: ModelConfig, chunking: ChunkingConfig, context: in
     return {
         "tokens_per_s": tokens_per_s,
         "step_ms": seconds * 1e3,
+        "host_ms": host_ms,
         "mfu": flops * tokens_per_s / peak if peak else None,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "first_step_s": first_step_s,
@@ -105,11 +107,27 @@ def bench_training(model_cfg: ModelConfig, chunking: ChunkingConfig, context: in
     }
 
 
+def _host_ms(step: Callable[[], None], device: torch.device) -> float | None:
+    """Milliseconds the host takes to issue one step while the GPU is kept busy (CUDA only).
+
+    Near ``step_ms``, the step is bound by the host (Python and kernel launches), not the GPU.
+    """
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda._sleep(1_000_000_000)  # ~0.5 s of GPU clock cycles: nothing issued below can start
+    start = time.perf_counter()
+    step()
+    host_s = time.perf_counter() - start
+    torch.cuda.synchronize(device)
+    return host_s * 1e3
+
+
 def _compiled(model: torch.nn.Module, compile_model: bool | str) -> torch.nn.Module:
-    """The model itself, or torch.compile'd (True: the default mode; a string: that mode)."""
+    """The model itself, or compiled as the trainer does (True: the default mode; a string: that mode)."""
     if not compile_model:
         return model
-    return torch.compile(model, mode=None if compile_model is True else compile_model)
+    return compile_for_training(model, "default" if compile_model is True else compile_model)
 
 
 def learnable_tokens(batch: int, length: int, vocab: int, step: int, seed: int = 0) -> torch.Tensor:
@@ -317,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
               "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
               "training": rows, "decoding": decode_rows, "attention": attention_rows}
     print(f"# attamba-bench on {report['device']} ({report['date']}, torch {torch.__version__})\n")
-    print(markdown(rows, ["model", "context", "batch", "tokens_per_s", "speed_ratio", "mfu", "peak_mem_gib",
+    print(markdown(rows, ["model", "context", "batch", "tokens_per_s", "speed_ratio", "step_ms", "host_ms", "mfu", "peak_mem_gib",
                           "mem_ratio", "kv_bytes_per_token", "error"]))
     if decode_rows:
         print("\n" + markdown(decode_rows, ["model", "decode_context", "decode_batch", "decode_tokens_per_s",

@@ -16,6 +16,7 @@ FAMILIES = ("attamba", "transformer", "mamba2")
 STRATEGIES = ("uniform", "cyclic", "random", "pseudo")
 SSM_IMPLS = ("auto", "reference", "blockdiag", "ssd", "triton", "tiled")
 ATTN_IMPLS = ("auto", "reference", "flash", "flex")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 INIT_DEPTHS = ("none", "current", "global")
 MATCH_TARGETS = ("kv_cache", "flops", "params")
 DEVICES = ("auto", "cpu", "cuda")
@@ -201,6 +202,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False
+    # default | reduce-overhead (CUDA graphs: no per-kernel launch cost on the host) |
+    # max-autotune | max-autotune-no-cudagraphs
+    compile_mode: str = "default"
     # Checkpoints, resolved config and tokenizer. None = <checkpoint_root>/<config hash>, so
     # re-running the same command resumes (or skips, if finished) instead of training twice.
     output_dir: Optional[str] = None
@@ -213,6 +217,7 @@ class TrainConfig:
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _require(self.warmup >= 0, "train.warmup", f"must be >= 0, got {self.warmup}")
         _require_choice(self.device, "train.device", DEVICES)
+        _require_choice(self.compile_mode, "train.compile_mode", COMPILE_MODES)
         _require(self.batch_size % self.grad_accum == 0, "train.grad_accum",
                  f"must divide train.batch_size={self.batch_size}, got {self.grad_accum}")
 

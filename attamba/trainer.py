@@ -46,6 +46,20 @@ def resolve_device(setting: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def compile_for_training(model: torch.nn.Module, mode: str = "default") -> torch.nn.Module:
+    """``torch.compile`` a model, or its DDP wrapper (wrap first, then compile), for training.
+
+    A compiled DDP module is split at its gradient buckets so that each bucket's all-reduce
+    overlaps the rest of the backward. Under CUDA graphs (``reduce-overhead``) that split
+    would cost one graph launch and one guard check per bucket every step, so the graph is
+    kept whole and the one all-reduce follows the backward: over NVLink it takes about a
+    millisecond for this project's models, while the host time the graphs save is tens.
+    """
+    if mode == "reduce-overhead" and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        torch._dynamo.config.optimize_ddp = False
+    return torch.compile(model, mode=None if mode == "default" else mode)
+
+
 def peak_flops(device: torch.device) -> float | None:
     """The device's peak FLOP/s at the training precision (bf16 on GPU, fp32 on CPU); None if unknown."""
     if device.type == "cuda":
@@ -201,9 +215,7 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.train.compile:
-        # DDP first: compiling the DDP module splits the graph at its gradient buckets, so
-        # each bucket's all-reduce overlaps the rest of the backward instead of following it
-        train_model = torch.compile(train_model)
+        train_model = compile_for_training(train_model, config.train.compile_mode)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
 

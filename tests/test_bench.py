@@ -56,3 +56,23 @@ def test_two_process_data_parallel_losses_match_one_process(tmp_path):
     one, two = _ddp_losses(tmp_path, 1), _ddp_losses(tmp_path, 2)
     assert len(one) == len(two) == 2
     assert one == pytest.approx(two, rel=1e-5)  # fp32 on the CPU: only the reduction order differs
+
+
+def test_cuda_graph_compilation_keeps_a_ddp_graph_whole(tmp_path):
+    """Under reduce-overhead a DDP module is not split at its buckets; in other modes it is."""
+    import torch.distributed as dist
+
+    from attamba.trainer import compile_for_training
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+        with torch._dynamo.config.patch(optimize_ddp=True):
+            compile_for_training(ddp, "default")
+            assert torch._dynamo.config.optimize_ddp is True
+            compile_for_training(torch.nn.Linear(4, 4), "reduce-overhead")
+            assert torch._dynamo.config.optimize_ddp is True
+            compile_for_training(ddp, "reduce-overhead")
+            assert torch._dynamo.config.optimize_ddp is False
+    finally:
+        dist.destroy_process_group()

@@ -117,6 +117,7 @@ def test_public_api_composes_conf_and_builds():
     (["model.family=rnn"], "model.family"),
     (["model.ssm.impl=cuda"], "model.ssm.impl"),
     (["train.seq_len=4", "chunking.size=8"], "train.seq_len"),
+    (["train.compile_mode=fast"], "train.compile_mode"),
 ])
 def test_bad_settings_raise_value_error_naming_the_setting(override, setting):
     with pytest.raises(ValueError, match=setting):
