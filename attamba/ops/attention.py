@@ -11,9 +11,10 @@ Attamba's mask: query t sees key s iff ``(s < t and boundary[s])`` or
 * ``reference``: SDPA with the dense ``[L, L]`` mask. Runs anywhere; the oracle.
 * ``flash``: flash attention's causal kernel over the ``~L/P`` boundary keys, the
   queries folded into phases, plus a ``lead + 1`` key band, merged by log-sum-exp
-  (:mod:`attamba.ops.chunk_flash`). The fastest on CUDA (bf16/fp16); elsewhere the
-  same decomposition runs in dense fp32 matrices, which the tests check against
-  the reference.
+  (:mod:`attamba.ops.chunk_flash`). Exact forward and backward everywhere (dense
+  fp32 matrices stand in for the kernel off CUDA or in fp32); on the H200 its
+  band and merge, in plain PyTorch, still cost more than flex saves (see the
+  README), so it is opt-in.
 * ``flex``: never builds an ``L x L`` mask. The boundary keys/values are gathered
   once and put in front of all keys, ``[k_boundary | k]``, and a FlexAttention
   block mask lets query t see gathered key j iff ``pos[j] < t - lead`` (so a
@@ -21,7 +22,7 @@ Attamba's mask: query t sees key s iff ``(s < t and boundary[s])`` or
   ``t - lead <= s <= t``. The gathered part is causal-like over
   ``L/P`` keys and the raw part a narrow band, so almost every block is skipped.
   Fast and differentiable on CUDA; on CPU FlexAttention runs forward only.
-* ``auto``: ``flash`` on CUDA, ``reference`` elsewhere.
+* ``auto``: ``flex`` on CUDA, ``reference`` elsewhere.
 """
 
 from __future__ import annotations
@@ -84,9 +85,9 @@ def chunk_attention(
 
     ``boundary`` is a bool ``[L]`` layout shared by the batch (any device).
     ``impl``: ``"reference"`` = SDPA with the dense mask (CPU/CUDA, the oracle);
-    ``"flash"`` = phase-folded flash attention plus a band (fast on CUDA, exact anywhere);
+    ``"flash"`` = phase-folded flash attention plus a band (CUDA kernel; exact anywhere);
     ``"flex"`` = FlexAttention over ``[gathered boundary keys | all keys]``, no
-    ``L x L`` mask (CUDA; forward-only on CPU); ``"auto"`` = flash on CUDA, else reference.
+    ``L x L`` mask (CUDA; forward-only on CPU); ``"auto"`` = flex on CUDA, else reference.
     Models prepare the mask once with :func:`chunk_mask` and call :func:`attend_chunks`.
     """
     _check_qkv(q, k, v)
@@ -146,7 +147,7 @@ def causal_attention(
 
     Full causal, or a window covering the whole sequence, always runs SDPA with
     ``is_causal=True`` (flash attention on CUDA). A narrower window runs
-    FlexAttention under ``impl="flex"`` (``"auto"`` on CUDA) and SDPA with a
+    FlexAttention under ``impl="flex"`` or ``"flash"`` (``"auto"`` on CUDA) and SDPA with a
     dense window mask under ``"reference"`` (``"auto"`` elsewhere).
     """
     _check_qkv(q, k, v)
@@ -174,7 +175,7 @@ def _resolve_impl(impl: str, device: torch.device) -> str:
     if impl not in ATTN_IMPLS:
         raise ValueError(f"model.attn_impl: got {impl!r}, allowed values are {', '.join(ATTN_IMPLS)}")
     if impl == "auto":
-        return "flash" if device.type == "cuda" else "reference"
+        return "flex" if device.type == "cuda" else "reference"
     return impl
 
 
