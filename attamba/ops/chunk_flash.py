@@ -14,8 +14,8 @@ The phases become extra query heads sharing their key/value head (GQA), so one
 flash call does all of them with ``~L/P`` keys instead of ``L``. Regular chunks
 have phases of ``P`` queries; irregular ones pad the short groups.
 
-The band is ``lead + 1`` dot products per query, computed in plain PyTorch (fused
-by the compiler). The two parts are merged through their log-sum-exps. Their
+The band is ``lead + 1`` dot products per query, in plain PyTorch (left to the
+compiler to fuse). The two parts are merged through their log-sum-exps. Their
 backward passes run on the *merged* output and log-sum-exp, which makes each part's
 gradient that of the one joint softmax (as ring attention does), so flash's own
 backward kernel serves unchanged.
