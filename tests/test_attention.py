@@ -385,3 +385,44 @@ def test_print_attention_timings(length):
         except torch.OutOfMemoryError:
             print(f"  {name:16s} out of memory")
         torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------
+# What a compiled model keeps of the flash decomposition for its backward
+
+
+def saved_activation_bytes(fn, *inputs) -> int:
+    """Bytes of the tensors Inductor's min-cut partitioner saves for the backward of ``fn`` (no codegen)."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.decomposition import select_decomp_table
+
+    saved = []
+
+    def partition(joint, joint_inputs, *, num_fwd_outputs, **kwargs):
+        forward, backward = min_cut_rematerialization_partition(
+            joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **{**kwargs, "compiler": "inductor"})
+        outputs = next(node for node in forward.graph.nodes if node.op == "output").args[0]
+        saved.extend(node.meta["val"] for node in outputs[num_fwd_outputs:])
+        return forward, backward
+
+    backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm), bw_compiler=lambda gm, _: make_boxed_func(gm),
+                           partition_fn=partition, decompositions=select_decomp_table())
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend)(*inputs).float().sum().backward()
+    return sum(t.nbytes for t in saved if isinstance(t, torch.Tensor))
+
+
+def test_compiled_flash_path_keeps_no_copy_per_band_offset():
+    """Shifted keys built by concatenation were each kept in fp32: 17 copies per layer at lead 8."""
+    length, heads, dim = 64, 2, 16
+    boundary = uniform_layout(length, 8, shift=3)
+    q, k, v = (torch.randn(1, heads, length, dim, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+
+    def saved(lead: int) -> int:
+        mask = chunk_mask(boundary, lead, "cpu", "flash")
+        return saved_activation_bytes(lambda *t: attend_chunks(*t, mask), q, k, v)
+
+    growth_per_token = (saved(8) - saved(1)) / length
+    # 7 more band probabilities per head (fp32) may be kept; a copy of k or v per offset may not
+    assert growth_per_token <= 2 * 7 * heads * 4

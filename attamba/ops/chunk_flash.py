@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -122,16 +123,21 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
 
 
 def _shift(x: torch.Tensor, offset: int) -> torch.Tensor:
-    """``x`` moved ``offset`` positions along dim -2: ``out[t] = x[t - offset]``, zeros where out of range."""
-    if offset == 0:
-        return x
+    """``x`` moved ``offset`` positions along dim -2: ``out[t] = x[t - offset]``, zeros where out of range.
+
+    Built by padding a slice rather than concatenating, so the compiler recomputes it in the
+    backward instead of keeping a copy of ``x`` for every offset.
+    """
     length = x.shape[-2]
-    if abs(offset) >= length:
-        return torch.zeros_like(x)
-    pad = torch.zeros_like(x[..., :abs(offset), :])
-    if offset > 0:
-        return torch.cat([pad, x[..., :length - offset, :]], dim=-2)
-    return torch.cat([x[..., -offset:, :], pad], dim=-2)
+    offset = max(-length, min(length, offset))
+    if offset >= 0:
+        return F.pad(x[..., :length - offset, :], (0, 0, offset, 0))
+    return F.pad(x[..., -offset:, :], (0, 0, 0, -offset))
+
+
+def _windows(x: torch.Tensor, lead: int) -> torch.Tensor:
+    """``[..., L, d]`` -> ``[..., L, d, lead + 1]`` (a view of a padded copy): entry ``w`` is ``x[t - w]``."""
+    return F.pad(x, (0, 0, lead, 0)).unfold(-2, lead + 1, 1).flip(-1)
 
 
 def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -143,7 +149,7 @@ def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
 def _band_scores(q: torch.Tensor, k: torch.Tensor, lead: int, scale: float) -> torch.Tensor:
     """``[..., L, lead + 1]``: ``scale * q[t] . k[t - w]``, ``-inf`` where ``t - w < 0``."""
     length = q.shape[-2]
-    scores = torch.stack([(q * _shift(k, w)).sum(-1) for w in range(lead + 1)], dim=-1) * scale
+    scores = (q.unsqueeze(-1) * _windows(k, lead)).sum(-2) * scale
     before_start = torch.arange(lead + 1, device=q.device) > torch.arange(length, device=q.device)[:, None]
     return scores.masked_fill(before_start, float("-inf"))
 
