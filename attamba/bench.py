@@ -326,23 +326,24 @@ def main(argv: list[str] | None = None) -> None:
                                 "cache_ratio": _ratio(result, results[baseline], "cache_bytes")})
     attention_rows = []
     for context in args.attention:
-        attention_rows.append({"context": context,
-                               **_measure(lambda: bench_attention(context, args.chunk_size, args.leading_tokens, device,
-                                                                  args.attn_impl))})
+        measured = _measure(lambda: bench_attention(context, args.chunk_size, args.leading_tokens, device,
+                                                    args.attn_impl))
+        attention_rows.append({"context": context, **measured})
         _progress("attention", "chunk-vs-flash", attention_rows[-1])
 
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": _device_name(device),
               "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
               "training": rows, "decoding": decode_rows, "attention": attention_rows}
     print(f"# attamba-bench on {report['device']} ({report['date']}, torch {torch.__version__})\n")
-    print(markdown(rows, ["model", "context", "batch", "tokens_per_s", "speed_ratio", "step_ms", "host_ms", "mfu", "peak_mem_gib",
-                          "mem_ratio", "kv_bytes_per_token", "error"]))
+    print(markdown(rows, ["model", "context", "batch", "tokens_per_s", "speed_ratio", "step_ms", "host_ms", "mfu",
+                          "peak_mem_gib", "mem_ratio", "kv_bytes_per_token", "error"]))
     if decode_rows:
         print("\n" + markdown(decode_rows, ["model", "decode_context", "decode_batch", "decode_tokens_per_s",
                                             "decode_ratio", "decode_step_ms", "cache_bytes", "cache_ratio",
                                             "allocated_bytes", "cache_read_tb_s", "error"]))
     if attention_rows:
-        print("\n" + markdown(attention_rows, ["context", "chunk_impl", "chunk_ms", "causal_flash_ms", "speedup", "error"]))
+        print("\n" + markdown(attention_rows, ["context", "chunk_impl", "chunk_ms", "causal_flash_ms", "speedup",
+                                                "error"]))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
 

@@ -177,5 +177,6 @@ def test_cuda_fast_paths_match_the_cpu_reference_forward_and_backward(strategy, 
     forward_err = (fast_logits.cpu() - ref_logits).abs().max().item()
     grad_err = max((pf.grad.cpu() - pr.grad).abs().max().item() / (pr.grad.abs().max().item() + 1e-12)
                    for pf, pr in zip(fast.parameters(), reference.parameters()))
-    print(f"\n[{strategy}, ssm={ssm_impl}, attn={attn_impl}] max |logits diff| {forward_err:.2e}, max relative grad diff {grad_err:.2e}")
+    print(f"\n[{strategy}, ssm={ssm_impl}, attn={attn_impl}] max |logits diff| {forward_err:.2e}, "
+          f"max relative grad diff {grad_err:.2e}")
     assert forward_err < 1e-3 and grad_err < 1e-2

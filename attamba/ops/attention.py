@@ -113,7 +113,8 @@ class ChunkMask:
     block_mask: BlockMask | None = None  # flex: the sparse block mask over those keys
 
 
-def chunk_mask(boundary: torch.Tensor, leading_tokens: int, device: torch.device | str, impl: str = "auto") -> ChunkMask:
+def chunk_mask(boundary: torch.Tensor, leading_tokens: int, device: torch.device | str,
+               impl: str = "auto") -> ChunkMask:
     """The (cached) :class:`ChunkMask` of a bool ``[L]`` boundary layout on ``device``."""
     _check_leading_tokens(leading_tokens)
     device = torch.device(device)

@@ -37,7 +37,7 @@ class PhaseTable:
     keys: torch.Tensor  # long [n]: the token of each gathered boundary key
     slots: torch.Tensor  # long [phases * n]: the token of each folded query (padding: token 0)
     fold_index: torch.Tensor  # long [L]: each token's folded slot; phases * n if it sees no boundary
-    real: torch.Tensor  # float [phases * n]: 1 for slots holding a query, 0 for padding
+    holds_query: torch.Tensor  # bool [phases * n]: False for the slots that pad short groups
     phases: int
     lead: int
 
@@ -60,9 +60,9 @@ def phase_table(boundary: torch.Tensor, lead: int, device: torch.device) -> Phas
     slots[slot] = seeing
     fold_index = torch.full((length,), phases * n, dtype=torch.long)
     fold_index[seeing] = slot
-    real = torch.zeros(phases * n)
-    real[slot] = 1
-    return PhaseTable(boundaries[:n].to(device), slots.to(device), fold_index.to(device), real.to(device),
+    holds_query = torch.zeros(phases * n, dtype=torch.bool)
+    holds_query[slot] = True
+    return PhaseTable(boundaries[:n].to(device), slots.to(device), fold_index.to(device), holds_query.to(device),
                       phases, lead)
 
 
@@ -76,14 +76,14 @@ def chunk_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tab
         dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     # The table goes in as tensors and ints, which torch.compile traces through an autograd.Function.
-    return _ChunkFlash.apply(q, k, v, table.keys, table.slots, table.fold_index, table.real, table.phases,
+    return _ChunkFlash.apply(q, k, v, table.keys, table.slots, table.fold_index, table.holds_query, table.phases,
                              table.lead)
 
 
 class _ChunkFlash(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, keys, slots, fold_index, real, phases: int, lead: int):
-        table = PhaseTable(keys, slots, fold_index, real, phases, lead)
+    def forward(ctx, q, k, v, keys, slots, fold_index, holds_query, phases: int, lead: int):
+        table = PhaseTable(keys, slots, fold_index, holds_query, phases, lead)
         scale = 1.0 / math.sqrt(q.shape[-1])
         band_out, band_lse = _band_forward(q, k, v, lead, scale)
         kernel_state = ()
@@ -95,14 +95,14 @@ class _ChunkFlash(torch.autograd.Function):
         else:
             out, lse = band_out, band_lse
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, keys, slots, fold_index, real, *kernel_state)
+        ctx.save_for_backward(q, k, v, out, lse, keys, slots, fold_index, holds_query, *kernel_state)
         ctx.phases, ctx.lead, ctx.scale = phases, lead, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, keys, slots, fold_index, real, *kernel_state = ctx.saved_tensors
-        table, scale = PhaseTable(keys, slots, fold_index, real, ctx.phases, ctx.lead), ctx.scale
+        q, k, v, out, lse, keys, slots, fold_index, holds_query, *kernel_state = ctx.saved_tensors
+        table, scale = PhaseTable(keys, slots, fold_index, holds_query, ctx.phases, ctx.lead), ctx.scale
         grad_out = grad_out.contiguous()
         dq, dk, dv = _band_backward(grad_out, q, k, v, out, lse, table.lead, scale)
         if table.phases:
@@ -216,8 +216,8 @@ def _past_forward(q, k, v, table: PhaseTable, scale: float):
 def _past_backward(grad_out, q, k, v, out, lse, table: PhaseTable, scale: float, kernel_state):
     keys, values = k.index_select(2, table.keys), v.index_select(2, table.keys)
     # Padding slots get a zero gradient, so they add nothing (their log-sum-exp, token 0's, is finite).
-    grad_folded = (_fold(grad_out, table).unflatten(1, (-1, table.phases))
-                   * table.real.view(table.phases, -1, 1)).flatten(1, 2)
+    padding = ~table.holds_query.view(table.phases, -1, 1)
+    grad_folded = _fold(grad_out, table).unflatten(1, (-1, table.phases)).masked_fill(padding, 0).flatten(1, 2)
     folded_lse = _fold(lse.unsqueeze(-1), table).squeeze(-1)
     dq, dkeys, dvalues = _causal_backward(grad_folded, _fold(q, table), keys, values,
                                           _fold(out, table), folded_lse, scale, kernel_state)
