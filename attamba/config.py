@@ -48,6 +48,7 @@ class SSMConfig:
     dt_min: float = 0.001
     dt_max: float = 0.1
     impl: str = "auto"  # auto | reference | blockdiag | ssd | triton | tiled
+    recompute: bool = False  # recompute the block in the backward: GPU time for activation memory
 
     def __post_init__(self) -> None:
         _require_positive(self.state_dim, "model.ssm.state_dim")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from attamba.config import ModelConfig, SSMConfig
 from attamba.models.layers import truncated_normal_
@@ -115,7 +116,16 @@ class SSMBlock(nn.Module):
         return torch.einsum("...sh,soh->...so", gated, self.out_proj)
 
     def forward(self, u: torch.Tensor, plan: ScanPlan, return_state: bool = False):
-        """``plan`` (from :func:`attamba.ops.ssm.plan_scan`) says where the state resets."""
+        """``plan`` (from :func:`attamba.ops.ssm.plan_scan`) says where the state resets.
+
+        With ``model.ssm.recompute`` a training forward keeps only ``u`` for the backward, which
+        runs the block again: its projections, conv, scan and gated norm hold no memory meanwhile.
+        """
+        if self.cfg.recompute and not return_state and torch.is_grad_enabled():
+            return checkpoint(self._forward, u, plan, use_reentrant=False)
+        return self._forward(u, plan, return_state)
+
+    def _forward(self, u: torch.Tensor, plan: ScanPlan, return_state: bool = False):
         b, L = u.shape[:2]
         z, xbc, dt = self._split(self._project(u))
         raw_xbc = xbc
