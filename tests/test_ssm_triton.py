@@ -7,6 +7,8 @@ cannot evaluate), torch.compile with Inductor and speed need a GPU: ``-m gpu``.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ pytest.importorskip("triton", reason="the fused SSD kernels need triton (pip ins
 
 from attamba.ops.ssm import chunk_scan  # noqa: E402
 from attamba.ops.ssm_triton import TileTable, chunk_local_ssd, tile_table  # noqa: E402
+import test_ssm  # noqa: E402
 from test_ssm import assert_close_to_scale, starts_at, time_fwd_bwd, uniform  # noqa: E402
 
 
@@ -39,17 +42,8 @@ def chunk_bounds(chunk_start: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(starts, starts[1:] + [chunk_start.numel()]))
 
 
-def make_inputs(length: int, b=2, h=4, p=16, n=16, g=2, device="cpu", dtype=torch.float32) -> dict:
-    """Mamba-like ranges: dt = softplus(·) > 0, A = -exp(A_log) < 0; x, B, C in `dtype`."""
-    kw = dict(device=device, dtype=torch.float32)
-    return dict(
-        x=torch.randn(b, length, h, p, **kw).to(dtype),
-        dt=torch.nn.functional.softplus(torch.randn(b, length, h, **kw) - 1.0),
-        A=-torch.empty(h, **kw).uniform_(0.01, 2.0),
-        B=torch.randn(b, length, g, n, **kw).to(dtype),
-        C=torch.randn(b, length, g, n, **kw).to(dtype),
-        D=torch.randn(h, **kw),
-    )
+# test_ssm's inputs with head width 16, the fused kernel's minimum (tl.dot)
+make_inputs = functools.partial(test_ssm.make_inputs, p=16)
 
 
 def outputs_and_grads(fn, inputs: dict, weight: torch.Tensor) -> tuple[torch.Tensor, dict]:
