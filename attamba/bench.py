@@ -32,9 +32,9 @@ from attamba.trainer import compile_for_training, peak_flops
 
 
 def paper_models(vocab: int, strategy: str, size: int, lead: int, ssm_impl: str = "auto",
-                 attn_impl: str = "auto") -> dict[str, tuple[ModelConfig, ChunkingConfig]]:
+                 attn_impl: str = "auto", ssm_recompute: bool = False) -> dict[str, tuple[ModelConfig, ChunkingConfig]]:
     """The paper's model (dim 512, 8 layers, 8 heads of 64, SSM hidden 256 in 8 heads, state 32)."""
-    ssm = SSMConfig(state_dim=32, hidden=256, heads=8, conv=4, impl=ssm_impl)
+    ssm = SSMConfig(state_dim=32, hidden=256, heads=8, conv=4, impl=ssm_impl, recompute=ssm_recompute)
     base = ModelConfig(vocab_size=vocab, dim=512, n_layers=8, n_heads=8, ssm=ssm, attn_impl=attn_impl)
     chunking = ChunkingConfig(strategy=strategy, size=size, leading_tokens=lead)
     return {
@@ -223,13 +223,16 @@ def bench_decoding(model_cfg: ModelConfig, chunking: ChunkingConfig, context: in
 
 
 def bench_attention(context: int, size: int, lead: int, device: torch.device, impl: str = "auto",
-                    repeats: int = 10) -> dict:
-    """Chunk-boundary attention alone (compiled, as in a model) vs full causal flash SDPA, fwd+bwd, bf16, batch 1."""
+                    batch: int = 1, repeats: int = 10) -> dict:
+    """Chunk-boundary attention alone (compiled, as in a model) vs full causal flash SDPA, fwd+bwd, bf16.
+
+    ``batch`` sequences of ``context`` tokens, 8 heads of 64: one layer's attention in a training step.
+    """
     from attamba.ops.attention import attend_chunks, causal_attention, chunk_mask
     from attamba.ops.chunking import boundary_mask
 
     heads, head_dim = 8, 64
-    shape = (1, heads, context, head_dim)
+    shape = (batch, heads, context, head_dim)
     q, k, v = (torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     boundary = boundary_mask(context, "uniform", size, layer=0, n_layers=1)
 
@@ -242,8 +245,8 @@ def bench_attention(context: int, size: int, lead: int, device: torch.device, im
     attend = torch.compile(attend_chunks, fullgraph=True) if device.type == "cuda" else attend_chunks
     chunk = _timed(run(lambda: attend(q, k, v, mask)), device, repeats, warmup=3)
     full = _timed(run(lambda: causal_attention(q, k, v)), device, repeats, warmup=3)
-    return {"context": context, "chunk_impl": mask.impl, "chunk_ms": chunk * 1e3, "causal_flash_ms": full * 1e3,
-            "speedup": full / chunk}
+    return {"context": context, "batch": batch, "chunk_impl": mask.impl, "chunk_ms": chunk * 1e3,
+            "causal_flash_ms": full * 1e3, "speedup": full / chunk}
 
 
 def markdown(rows: list[dict], columns: list[str]) -> str:
@@ -275,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk-size", type=int, default=8)
     parser.add_argument("--leading-tokens", type=int, default=8)
     parser.add_argument("--ssm-impl", default="auto", help="model.ssm.impl of the Attamba candidate")
+    parser.add_argument("--ssm-recompute", action="store_true",
+                        help="model.ssm.recompute of the Attamba candidate (its SSMs rerun in the backward)")
     parser.add_argument("--attn-impl", default="auto", help="model.attn_impl of every model")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
                         help="after timing, print the ROWS most expensive kernels of two training steps")
@@ -296,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     torch._dynamo.config.recompile_limit = 64
 
     models = paper_models(args.vocab, args.strategy, args.chunk_size, args.leading_tokens, args.ssm_impl,
-                          args.attn_impl)
+                          args.attn_impl, args.ssm_recompute)
     if args.ddp:
         return _main_ddp(args, models)
     baseline = "transformer"
@@ -327,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     attention_rows = []
     for context in args.attention:
         measured = _measure(lambda: bench_attention(context, args.chunk_size, args.leading_tokens, device,
-                                                    args.attn_impl))
+                                                    args.attn_impl, max(1, args.tokens_per_step // context)))
         attention_rows.append({"context": context, **measured})
         _progress("attention", "chunk-vs-flash", attention_rows[-1])
 
@@ -342,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
                                             "decode_ratio", "decode_step_ms", "cache_bytes", "cache_ratio",
                                             "allocated_bytes", "cache_read_tb_s", "error"]))
     if attention_rows:
-        print("\n" + markdown(attention_rows, ["context", "chunk_impl", "chunk_ms", "causal_flash_ms", "speedup",
+        print("\n" + markdown(attention_rows, ["context", "batch", "chunk_impl", "chunk_ms", "causal_flash_ms", "speedup",
                                                 "error"]))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))

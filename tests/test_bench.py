@@ -31,6 +31,17 @@ def test_training_and_decoding_are_reported_with_ratios_to_the_transformer(tmp_p
     assert decoding["attamba-cyclic-P8"]["cache_ratio"] < 1.0
 
 
+@pytest.mark.parametrize("impl", ["flash", "reference"])
+def test_attention_bench_times_one_layer_of_a_training_step(tmp_path, impl):
+    """As many sequences as a training step holds (--tokens-per-step), with the chunk path asked for."""
+    out = tmp_path / "bench.json"
+    main([*TINY, "--contexts", "--attention", "64", "--tokens-per-step", "256", "--attn-impl", impl,
+          "--out", str(out)])
+    (row,) = json.loads(out.read_text())["attention"]
+    assert (row["context"], row["batch"], row["chunk_impl"]) == (64, 4, impl)
+    assert row["chunk_ms"] > 0 and row["causal_flash_ms"] > 0 and "error" not in row
+
+
 def test_learnable_tokens_are_deterministic_per_step():
     first = learnable_tokens(4, 32, 100, step=3)
     assert torch.equal(first, learnable_tokens(4, 32, 100, step=3))

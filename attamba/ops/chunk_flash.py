@@ -14,15 +14,17 @@ The phases become extra query heads sharing their key/value head (GQA), so one
 flash call does all of them with ``~L/P`` keys instead of ``L``. Regular chunks
 have phases of ``P`` queries; irregular ones pad the short groups.
 
-The band is ``lead + 1`` dot products per query, in plain PyTorch (left to the
-compiler to fuse). The two parts are merged through their log-sum-exps. Their
-backward passes run on the *merged* output and log-sum-exp, which makes each part's
-gradient that of the one joint softmax (as ring attention does), so flash's own
-backward kernel serves unchanged.
+The band is ``lead + 1`` dot products per query: a fused Triton kernel on CUDA
+(:mod:`attamba.ops.band_triton`), plain PyTorch elsewhere. The two parts are
+merged through their log-sum-exps (inside the kernel on CUDA). Their backward
+passes run on the *merged* output and log-sum-exp, which makes each part's gradient
+that of the one joint softmax (as ring attention does), so flash's own backward
+kernel serves unchanged.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -85,15 +87,10 @@ class _ChunkFlash(torch.autograd.Function):
     def forward(ctx, q, k, v, keys, slots, fold_index, holds_query, phases: int, lead: int):
         table = PhaseTable(keys, slots, fold_index, holds_query, phases, lead)
         scale = 1.0 / math.sqrt(q.shape[-1])
-        band_out, band_lse = _band_forward(q, k, v, lead, scale)
-        kernel_state = ()
+        past, kernel_state = None, ()
         if phases:
-            past_out, past_lse, kernel_state = _past_forward(q, k, v, table, scale)
-            lse = torch.logaddexp(band_lse, past_lse)
-            out = (band_out * (band_lse - lse).exp().unsqueeze(-1)
-                   + past_out * (past_lse - lse).exp().unsqueeze(-1))
-        else:
-            out, lse = band_out, band_lse
+            *past, kernel_state = _past_forward(q, k, v, table, scale)
+        out, lse = _band(q, k, v, lead, scale, past)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, keys, slots, fold_index, holds_query, *kernel_state)
         ctx.phases, ctx.lead, ctx.scale = phases, lead, scale
@@ -104,7 +101,7 @@ class _ChunkFlash(torch.autograd.Function):
         q, k, v, out, lse, keys, slots, fold_index, holds_query, *kernel_state = ctx.saved_tensors
         table, scale = PhaseTable(keys, slots, fold_index, holds_query, ctx.phases, ctx.lead), ctx.scale
         grad_out = grad_out.contiguous()
-        dq, dk, dv = _band_backward(grad_out, q, k, v, out, lse, table.lead, scale)
+        dq, dk, dv = _band_gradients(grad_out, q, k, v, out, lse, table.lead, scale)
         if table.phases:
             past_dq, past_dk, past_dv = _past_backward(grad_out, q, k, v, out, lse, table, scale, kernel_state)
             dq = dq + past_dq
@@ -114,7 +111,38 @@ class _ChunkFlash(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------
-# The band: keys t - lead .. t, as lead + 1 shifted dot products (fp32)
+# The band: keys t - lead .. t, fused in Triton on CUDA (attamba.ops.band_triton); below,
+# the same arithmetic as lead + 1 shifted dot products in fp32 PyTorch, its reference.
+
+
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _fused_band(q: torch.Tensor) -> bool:
+    """Whether the Triton band kernels take ``q`` (CUDA, and a power-of-two head dim for their aranges)."""
+    return q.is_cuda and _HAVE_TRITON and q.shape[-1] & (q.shape[-1] - 1) == 0
+
+
+def _band(q, k, v, lead: int, scale: float, past=None):
+    """The band's output and log-sum-exp, merged with the past boundaries' ``past = (out, lse)`` if given."""
+    if _fused_band(q):
+        from attamba.ops import band_triton
+        return band_triton.band_forward(q, k, v, lead, scale, past)
+    out, lse = _band_forward(q, k, v, lead, scale)
+    if past is None:
+        return out, lse
+    past_out, past_lse = past
+    joint = torch.logaddexp(lse, past_lse)
+    return (out * (lse - joint).exp().unsqueeze(-1) + _wide(past_out) * (past_lse - joint).exp().unsqueeze(-1),
+            joint)
+
+
+def _band_gradients(grad_out, q, k, v, out, lse, lead: int, scale: float):
+    """The band's fp32 (dq, dk, dv) under the joint softmax of ``out`` and ``lse``."""
+    if _fused_band(q):
+        from attamba.ops import band_triton
+        return band_triton.band_backward(grad_out, q, k, v, out, lse, lead, scale)
+    return _band_backward(grad_out, q, k, v, out, lse, lead, scale)
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -209,7 +237,7 @@ def _unfold(x: torch.Tensor, table: PhaseTable, fill: float) -> torch.Tensor:
 def _past_forward(q, k, v, table: PhaseTable, scale: float):
     keys, values = k.index_select(2, table.keys), v.index_select(2, table.keys)
     out, lse, kernel_state = _causal_forward(_fold(q, table), keys, values, scale)
-    return (_unfold(_wide(out), table, 0.0), _unfold(lse.unsqueeze(-1), table, float("-inf")).squeeze(-1),
+    return (_unfold(out, table, 0.0), _unfold(lse.unsqueeze(-1), table, float("-inf")).squeeze(-1),
             kernel_state)
 
 
