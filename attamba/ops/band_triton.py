@@ -23,9 +23,6 @@ share of the joint softmax's gradient)::
 
 Every output element is written by one program: no atomics, deterministic. Arithmetic is
 fp32; gradients come back in fp32, for the caller to add the past part's before casting.
-Both passes are ``torch.library.triton_op``s: opaque operators in eager mode, while
-torch.compile sees the kernels and launches them from its own generated code, whose
-per-launch host cost is a fraction of the Triton runtime's.
 """
 
 from __future__ import annotations
@@ -36,7 +33,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
 
 BLOCK = 64  # queries (or keys) per program
 
@@ -162,7 +158,7 @@ def _unit_rows(*tensors: Tensor) -> list[Tensor]:
     return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
-@triton_op("attamba::band_attention_fwd", mutates_args=())
+@torch.library.custom_op("attamba::band_attention_fwd", mutates_args=())
 def _band_fwd(q: Tensor, k: Tensor, v: Tensor, past_out: Optional[Tensor], past_lse: Optional[Tensor],
               lead: int, scale: float) -> tuple[Tensor, Tensor]:
     b, h, length, d = q.shape
@@ -174,13 +170,19 @@ def _band_fwd(q: Tensor, k: Tensor, v: Tensor, past_out: Optional[Tensor], past_
         past_out, past_lse = q, q.new_empty(1, 1, dtype=torch.float32)
     out = q.new_empty(q.shape)
     lse = q.new_empty(b, h, length, dtype=torch.float32)
-    wrap_triton(_band_fwd_kernel)[(triton.cdiv(length, BLOCK), b * h)](
+    _band_fwd_kernel[(triton.cdiv(length, BLOCK), b * h)](
         q, k, v, past_out, past_lse, out, lse, *_strides(q, k, v, past_out), *past_lse.stride()[:2],
         *_strides(out), length, h, h // k.shape[1], scale, LEAD=lead, D=d, BLOCK=BLOCK, HAS_PAST=has_past)
     return out, lse
 
 
-@triton_op("attamba::band_attention_bwd", mutates_args=())
+@_band_fwd.register_fake
+def _band_fwd_fake(q, k, v, past_out, past_lse, lead, scale):
+    b, h, length, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty(b, h, length, dtype=torch.float32)
+
+
+@torch.library.custom_op("attamba::band_attention_bwd", mutates_args=())
 def _band_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, lead: int,
               scale: float) -> tuple[Tensor, Tensor, Tensor]:
     b, h, length, d = q.shape
@@ -192,13 +194,19 @@ def _band_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     delta = q.new_empty(b, h, length, dtype=torch.float32)
     blocks = triton.cdiv(length, BLOCK)
     common = dict(LEAD=lead, D=d, BLOCK=BLOCK)
-    wrap_triton(_band_bwd_query_kernel)[(blocks, b * h)](
+    _band_bwd_query_kernel[(blocks, b * h)](
         grad_out, q, k, v, out, lse, dq, delta, *_strides(grad_out, q, k, v, out), *lse.stride()[:2],
         length, h, h // kv_heads, scale, **common)
-    wrap_triton(_band_bwd_key_kernel)[(blocks, b * kv_heads)](
+    _band_bwd_key_kernel[(blocks, b * kv_heads)](
         grad_out, q, k, v, lse, delta, dk, dv, *_strides(grad_out, q, k, v), *lse.stride()[:2],
         length, h, kv_heads, scale, GROUP=h // kv_heads, **common)
     return dq, dk, dv
+
+
+@_band_bwd.register_fake
+def _band_bwd_fake(grad_out, q, k, v, out, lse, lead, scale):
+    return (q.new_empty(q.shape, dtype=torch.float32), k.new_empty(k.shape, dtype=torch.float32),
+            v.new_empty(v.shape, dtype=torch.float32))
 
 
 def band_forward(q: Tensor, k: Tensor, v: Tensor, lead: int, scale: float,

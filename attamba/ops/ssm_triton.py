@@ -33,9 +33,8 @@ tensor cores in that dtype (the decay-weighted scores are rounded to it, as in m
 
 The kernels read x, dt, A, B, C, D and the incoming gradient through their strides, so views
 (x sliced out of a projection, an expanded dy) cost no copy; outputs are allocated contiguous.
-Both passes are ``torch.library.triton_op``s with an autograd formula, so `chunk_local_ssd`
-traces into a single torch.compile graph, whose generated code launches the kernels itself
-(the Triton runtime's Python launch costs a few hundred microseconds per call). Build the `TileTable`
+Both passes are ``torch.library`` custom ops with fake (meta) implementations and an autograd
+formula, so `chunk_local_ssd` traces into a single torch.compile graph. Build the `TileTable`
 outside compiled code (it reads chunk_start on the host) and move it to the device once.
 """
 
@@ -50,7 +49,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
 
 TILE = 64  # tokens per tile: the longest chunk the fused kernels take
 # Picked from ptxas's register reports for sm_90, not from timings: one warpgroup matches the
@@ -273,7 +271,7 @@ def _ssd_bwd_kernel(
     tl.store(dB_ptr + out, dB.to(dB_ptr.dtype.element_ty), mask=valid[:, None])
 
 
-# ----------------------------------------------------------------------------- operators
+# ----------------------------------------------------------------------------- custom ops
 
 
 def _strides(*tensors: Optional[Tensor]) -> list[int]:
@@ -281,13 +279,13 @@ def _strides(*tensors: Optional[Tensor]) -> list[int]:
     return [s for t in tensors for s in (t.stride() if t is not None else (0,))]
 
 
-@triton_op("attamba::chunk_local_ssd_fwd", mutates_args=())
+@torch.library.custom_op("attamba::chunk_local_ssd_fwd", mutates_args=())
 def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
              starts: Tensor, lengths: Tensor, chunk_id: Tensor, tile: int) -> Tensor:
     b, length, h, p = x.shape
     groups, n = B.shape[2:]
     y = x.new_empty(x.shape)
-    wrap_triton(_ssd_fwd_kernel)[(starts.numel(), b, groups)](
+    _ssd_fwd_kernel[(starts.numel(), b, groups)](
         x, dt, A, B, C, D, y, starts, lengths, chunk_id, length, h, *_strides(x, dt, A, B, C, D),
         P=p, N=n, TILE=tile, HEADS_PER_GROUP=h // groups, num_warps=FWD_WARPS,
     )
@@ -299,7 +297,7 @@ def _ssd_fwd_fake(x, dt, A, B, C, D, starts, lengths, chunk_id, tile):
     return x.new_empty(x.shape)
 
 
-@triton_op("attamba::chunk_local_ssd_bwd", mutates_args=())
+@torch.library.custom_op("attamba::chunk_local_ssd_bwd", mutates_args=())
 def _ssd_bwd(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
              starts: Tensor, lengths: Tensor, chunk_id: Tensor, tile: int
              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -309,7 +307,7 @@ def _ssd_bwd(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
     dx, ddt, dB, dC = x.new_empty(x.shape), dt.new_empty(dt.shape), B.new_empty(B.shape), C.new_empty(C.shape)
     dA_part = x.new_empty(b, starts.numel(), h, dtype=torch.float32)
     dD_part = torch.empty_like(dA_part)
-    wrap_triton(_ssd_bwd_kernel)[(starts.numel(), b, groups)](
+    _ssd_bwd_kernel[(starts.numel(), b, groups)](
         dy, x, dt, A, B, C, D, starts, lengths, chunk_id, dx, ddt, dB, dC, dA_part, dD_part,
         length, h, *_strides(dy, x, dt, A, B, C, D), P=p, N=n, TILE=tile, HEADS_PER_GROUP=h // groups,
         num_warps=BWD_WARPS,
