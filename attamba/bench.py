@@ -223,7 +223,7 @@ def bench_decoding(model_cfg: ModelConfig, chunking: ChunkingConfig, context: in
 
 
 def bench_attention(context: int, size: int, lead: int, device: torch.device, impl: str = "auto",
-                    batch: int = 1, repeats: int = 10) -> dict:
+                    batch: int = 1, repeats: int = 10, profile: int = 0) -> dict:
     """Chunk-boundary attention alone (compiled, as in a model) vs full causal flash SDPA, fwd+bwd, bf16.
 
     ``batch`` sequences of ``context`` tokens, 8 heads of 64: one layer's attention in a training step.
@@ -245,6 +245,8 @@ def bench_attention(context: int, size: int, lead: int, device: torch.device, im
     attend = torch.compile(attend_chunks, fullgraph=True) if device.type == "cuda" else attend_chunks
     chunk = _timed(run(lambda: attend(q, k, v, mask)), device, repeats, warmup=3)
     full = _timed(run(lambda: causal_attention(q, k, v)), device, repeats, warmup=3)
+    if profile:
+        _profile(run(lambda: attend(q, k, v, mask)), profile)
     return {"context": context, "batch": batch, "chunk_impl": mask.impl, "chunk_ms": chunk * 1e3,
             "causal_flash_ms": full * 1e3, "speedup": full / chunk}
 
@@ -282,7 +284,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="model.ssm.recompute of the Attamba candidate (its SSMs rerun in the backward)")
     parser.add_argument("--attn-impl", default="auto", help="model.attn_impl of every model")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
-                        help="after timing, print the ROWS most expensive kernels of two training steps")
+                        help="after timing, print the ROWS most expensive kernels of two training steps "
+                             "(and of two chunk-attention calls)")
     parser.add_argument("--decode-context", type=int, default=0, help="0 skips decoding")
     parser.add_argument("--decode-batch", type=int, default=16)
     parser.add_argument("--decode-tokens", type=int, default=32)
@@ -332,7 +335,8 @@ def main(argv: list[str] | None = None) -> None:
     attention_rows = []
     for context in args.attention:
         measured = _measure(lambda: bench_attention(context, args.chunk_size, args.leading_tokens, device,
-                                                    args.attn_impl, max(1, args.tokens_per_step // context)))
+                                                    args.attn_impl, max(1, args.tokens_per_step // context),
+                                                    profile=args.profile))
         attention_rows.append({"context": context, **measured})
         _progress("attention", "chunk-vs-flash", attention_rows[-1])
 
@@ -340,15 +344,16 @@ def main(argv: list[str] | None = None) -> None:
               "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
               "training": rows, "decoding": decode_rows, "attention": attention_rows}
     print(f"# attamba-bench on {report['device']} ({report['date']}, torch {torch.__version__})\n")
-    print(markdown(rows, ["model", "context", "batch", "tokens_per_s", "speed_ratio", "step_ms", "host_ms", "mfu",
-                          "peak_mem_gib", "mem_ratio", "kv_bytes_per_token", "error"]))
+    if rows:
+        print(markdown(rows, ["model", "context", "batch", "tokens_per_s", "speed_ratio", "step_ms", "host_ms",
+                              "mfu", "peak_mem_gib", "mem_ratio", "kv_bytes_per_token", "error"]))
     if decode_rows:
         print("\n" + markdown(decode_rows, ["model", "decode_context", "decode_batch", "decode_tokens_per_s",
                                             "decode_ratio", "decode_step_ms", "cache_bytes", "cache_ratio",
                                             "allocated_bytes", "cache_read_tb_s", "error"]))
     if attention_rows:
-        print("\n" + markdown(attention_rows, ["context", "batch", "chunk_impl", "chunk_ms", "causal_flash_ms", "speedup",
-                                                "error"]))
+        print("\n" + markdown(attention_rows, ["context", "batch", "chunk_impl", "chunk_ms", "causal_flash_ms",
+                                                "speedup", "error"]))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
 
