@@ -1,4 +1,4 @@
-"""Attamba's chunk attention on flash attention's dense causal kernel (``model.attn_impl=flash``).
+"""Attamba's chunk attention on a dense causal flash-attention kernel (``model.attn_impl=flash``).
 
 Query t sees two disjoint key sets:
 
@@ -11,15 +11,15 @@ The second set is a causal attention in disguise. Number the queries that see
 *phase* ``r``. Within a phase, the query of group ``m`` sits at index ``m - 1`` and
 sees gathered keys ``0 .. m - 1``: plain top-left causal attention over ``n`` keys.
 The phases become extra query heads sharing their key/value head (GQA), so one
-flash call does all of them with ``~L/P`` keys instead of ``L``. Regular chunks
+causal kernel call (cuDNN's flash kernel) does all of them with ``~L/P`` keys instead of ``L``. Regular chunks
 have phases of ``P`` queries; irregular ones pad the short groups.
 
 The band is ``lead + 1`` dot products per query: a fused Triton kernel on CUDA
 (:mod:`attamba.ops.band_triton`), plain PyTorch elsewhere. The two parts are
 merged through their log-sum-exps (inside the kernel on CUDA). Their backward
 passes run on the *merged* output and log-sum-exp, which makes each part's gradient
-that of the one joint softmax (as ring attention does), so flash's own backward
-kernel serves unchanged.
+that of the one joint softmax (as ring attention does), so the kernel's own
+backward serves unchanged.
 """
 
 from __future__ import annotations
@@ -261,14 +261,17 @@ def _flash_eligible(q: torch.Tensor) -> bool:
 def _causal_forward(q, k, v, scale: float):
     """Top-left causal attention of ``q [b, h, n, d]`` over ``k, v [b, h_kv, n, d]``.
 
-    Returns the output, the log-sum-exp, and the tensors the flash backward wants back
-    (its sequence offsets and RNG state).
+    On CUDA in half precision this is cuDNN's flash kernel, the one PyTorch's SDPA itself
+    prefers on Hopper (faster there than ``_scaled_dot_product_flash_attention``: see the
+    README), given key/value heads repeated to q's. Returns the output, the log-sum-exp,
+    and the tensors its backward wants back (sequence offsets, RNG state).
     """
     if _flash_eligible(q):
-        out, lse, cum_q, cum_k, _, _, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
-            q, k, v, 0.0, True, False, scale=scale)
-        return out, lse, (cum_q, cum_k, seed, offset)
-    # fp32, or no GPU: the same arithmetic in dense matrices (the flash kernel takes half precision on CUDA)
+        k, v = _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1])
+        out, lse, cum_q, cum_k, _, _, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, True, False, scale=scale)
+        return out, lse.squeeze(-1), (cum_q, cum_k, seed, offset)
+    # fp32, or no GPU: the same arithmetic in dense matrices (the fused kernel takes half precision on CUDA)
     scores = _causal_scores(q, k, scale)
     lse = scores.logsumexp(-1)
     return (scores - lse.unsqueeze(-1)).exp() @ _grouped_kv(v, q), lse, ()
@@ -279,9 +282,11 @@ def _causal_backward(grad_out, q, k, v, out, lse, scale: float, kernel_state):
     if _flash_eligible(q):
         n = q.shape[2]
         cum_q, cum_k, seed, offset = kernel_state
-        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            grad_out.to(q.dtype), q, k, v, out.contiguous(), lse.contiguous(), cum_q, cum_k, n, n, 0.0, True,
-            seed, offset, scale=scale)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            grad_out.to(q.dtype), q, _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1]),
+            out.to(q.dtype).contiguous(), lse.unsqueeze(-1).contiguous(), seed, offset, None, cum_q, cum_k, n, n,
+            0.0, True, scale=scale)
+        return dq, _sum_groups(_wide(dk), k.shape[1]), _sum_groups(_wide(dv), k.shape[1])
     grad_out, out = _wide(grad_out), _wide(out)
     p = (_causal_scores(q, k, scale) - lse.unsqueeze(-1)).exp()
     dp = grad_out @ _grouped_kv(v, q).transpose(-1, -2)
@@ -298,9 +303,14 @@ def _causal_scores(q, k, scale: float) -> torch.Tensor:
     return scores.masked_fill(future, float("-inf"))
 
 
+def _repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Key/value heads ``[b, h_kv, n, d]`` repeated to ``heads``: query head j reads key/value head j // (heads / h_kv)."""
+    return x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
 def _grouped_kv(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Key/value heads repeated to match ``q``'s heads, in fp32."""
-    return _wide(x).repeat_interleave(q.shape[1] // x.shape[1], dim=1)
+    return _repeat_heads(_wide(x), q.shape[1])
 
 
 def _sum_groups(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
