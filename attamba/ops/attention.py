@@ -9,12 +9,12 @@ Attamba's mask: query t sees key s iff ``(s < t and boundary[s])`` or
 (``model.attn_impl``):
 
 * ``reference``: SDPA with the dense ``[L, L]`` mask. Runs anywhere; the oracle.
-* ``flash``: flash attention's causal kernel over the ``~L/P`` boundary keys, the
-  queries folded into phases, plus a ``lead + 1`` key band, merged by log-sum-exp
-  (:mod:`attamba.ops.chunk_flash`). Exact forward and backward everywhere (dense
-  fp32 matrices stand in for the kernel off CUDA or in fp32); on the H200 its
-  band and merge, in plain PyTorch, still cost more than flex saves (see the
-  README), so it is opt-in.
+* ``flash``: a causal flash kernel (cuDNN's) over the ``~L/P`` boundary keys, the
+  queries folded into phases, plus a ``lead + 1`` key band in fused Triton kernels,
+  merged by log-sum-exp (:mod:`attamba.ops.chunk_flash`). Exact forward and backward
+  everywhere (dense fp32 matrices and PyTorch stand in for the kernels off CUDA or in
+  fp32). On the H200 it is the fastest at 64K and keeps the least memory, but flex is
+  ahead at 1K (see the README), so it is opt-in.
 * ``flex``: never builds an ``L x L`` mask. The boundary keys/values are gathered
   once and put in front of all keys, ``[k_boundary | k]``, and a FlexAttention
   block mask lets query t see gathered key j iff ``pos[j] < t - lead`` (so a
