@@ -34,7 +34,7 @@ def band_inputs(length: int, heads: int, kv_heads: int, dim: int = 16, batch: in
     q = head_major_view(batch, heads, length, dim, dtype)
     k, v = (head_major_view(batch, kv_heads, length, dim, dtype) for _ in range(2))
     past_out = torch.randn(batch, heads, length, dim, dtype=dtype, device=DEVICE)
-    past_lse = torch.randn(batch, heads, length, device=DEVICE) + 2
+    past_lse = torch.randn(batch, length, heads, device=DEVICE).transpose(1, 2) + 2  # a strided view
     past_lse[..., : length // 3] = float("-inf")  # the first queries see no past boundary
     return q, k, v, (past_out, past_lse)
 

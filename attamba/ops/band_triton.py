@@ -155,6 +155,7 @@ def _strides(*tensors: Tensor) -> list[int]:
 
 
 def _unit_rows(*tensors: Tensor) -> list[Tensor]:
+    """The tensors, copied where their last dim is strided (row vectors, or a log-sum-exp's tokens)."""
     return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
@@ -165,8 +166,8 @@ def _band_fwd(q: Tensor, k: Tensor, v: Tensor, past_out: Optional[Tensor], past_
     q, k, v = _unit_rows(q, k, v)
     has_past = past_out is not None
     if has_past:
-        past_out, past_lse = _unit_rows(past_out)[0], past_lse
-    else:  # never read; the kernel's strides for them are placeholders
+        past_out, past_lse = _unit_rows(past_out, past_lse)
+    else:  # never read: placeholders for the kernel's pointer and stride arguments
         past_out, past_lse = q, q.new_empty(1, 1, dtype=torch.float32)
     out = q.new_empty(q.shape)
     lse = q.new_empty(b, h, length, dtype=torch.float32)
@@ -187,7 +188,7 @@ def _band_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
               scale: float) -> tuple[Tensor, Tensor, Tensor]:
     b, h, length, d = q.shape
     kv_heads = k.shape[1]
-    grad_out, q, k, v, out = _unit_rows(grad_out, q, k, v, out)
+    grad_out, q, k, v, out, lse = _unit_rows(grad_out, q, k, v, out, lse)
     dq = q.new_empty(q.shape, dtype=torch.float32)
     dk = k.new_empty(k.shape, dtype=torch.float32)
     dv = v.new_empty(v.shape, dtype=torch.float32)
@@ -217,15 +218,11 @@ def band_forward(q: Tensor, k: Tensor, v: Tensor, lead: int, scale: float,
     where a query sees no past key). d must be a power of two.
     """
     past_out, past_lse = past if past is not None else (None, None)
-    if past_lse is not None and past_lse.stride(-1) != 1:
-        past_lse = past_lse.contiguous()
     return _band_fwd(q, k, v, past_out, past_lse, lead, scale)
 
 
 def band_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, lead: int,
                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """The band's (dq, dk, dv) in fp32 under the joint softmax of output ``out`` and log-sum-exp ``lse``."""
-    if lse.stride(-1) != 1:
-        lse = lse.contiguous()
     return _band_bwd(grad_out, q, k, v, out, lse, lead, scale)
 
