@@ -11,8 +11,9 @@ The second set is a causal attention in disguise. Number the queries that see
 *phase* ``r``. Within a phase, the query of group ``m`` sits at index ``m - 1`` and
 sees gathered keys ``0 .. m - 1``: plain top-left causal attention over ``n`` keys.
 The phases become extra query heads sharing their key/value head (GQA), so one
-causal kernel call (cuDNN's flash kernel) does all of them with ``~L/P`` keys instead of ``L``. Regular chunks
-have phases of ``P`` queries; irregular ones pad the short groups.
+call of a causal kernel (cuDNN's flash kernel) does all of them with ``~L/P`` keys
+instead of ``L``. Regular chunks have phases of ``P`` queries; irregular ones pad
+the short groups.
 
 The band is ``lead + 1`` dot products per query: a fused Triton kernel on CUDA
 (:mod:`attamba.ops.band_triton`), plain PyTorch elsewhere. The two parts are
@@ -304,7 +305,7 @@ def _causal_scores(q, k, scale: float) -> torch.Tensor:
 
 
 def _repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """Key/value heads ``[b, h_kv, n, d]`` repeated to ``heads``: query head j reads key/value head j // (heads / h_kv)."""
+    """Key/value heads ``[b, h_kv, n, d]`` repeated to ``heads``: query head j reads head j // (heads / h_kv)."""
     return x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
