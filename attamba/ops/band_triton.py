@@ -46,16 +46,21 @@ def _rows(ptr, batch_offset, rows, valid, D: tl.constexpr, stride_l):
 
 
 @triton.jit
+def _query_block(length, heads, group, BLOCK: tl.constexpr):
+    """This program's (batch * heads + head, batch, head, key/value head, its BLOCK tokens, which exist)."""
+    bh = tl.program_id(1)
+    b, h = bh // heads, bh % heads
+    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    return bh, b, h, h // group, t, t < length
+
+
+@triton.jit
 def _band_fwd_kernel(Q, K, V, PAST_O, PAST_LSE, O, LSE,
                      sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                      spo_b, spo_h, spo_l, spl_b, spl_h, so_b, so_h, so_l,
                      length, heads, group, scale,
                      LEAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, HAS_PAST: tl.constexpr):
-    bh = tl.program_id(1)
-    b, h = bh // heads, bh % heads
-    kv_h = h // group
-    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    in_range = t < length
+    bh, b, h, kv_h, t, in_range = _query_block(length, heads, group, BLOCK)
     q = _rows(Q, b * sq_b + h * sq_h, t, in_range, D, sq_l)
     row_max = tl.full([BLOCK], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK], tl.float32)
@@ -93,11 +98,7 @@ def _band_bwd_query_kernel(DO, Q, K, V, O, LSE, DQ, DELTA,
                            so_b, so_h, so_l, slse_b, slse_h,
                            length, heads, group, scale,
                            LEAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
-    bh = tl.program_id(1)
-    b, h = bh // heads, bh % heads
-    kv_h = h // group
-    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    in_range = t < length
+    bh, b, h, kv_h, t, in_range = _query_block(length, heads, group, BLOCK)
     q = _rows(Q, b * sq_b + h * sq_h, t, in_range, D, sq_l)
     do = _rows(DO, b * sdo_b + h * sdo_h, t, in_range, D, sdo_l)
     delta = tl.sum(do * _rows(O, b * so_b + h * so_h, t, in_range, D, so_l), axis=1)
