@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from attamba.ops.attention import (attend_chunks, boundary_mask, causal_attention, chunk_attention, chunk_mask,
-                                  sliding_window_mask)
+                                  resolve_chunk_impl, sliding_window_mask)
 from attamba.ops.chunk_flash import phase_table
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -426,3 +426,11 @@ def test_compiled_flash_path_keeps_no_copy_per_band_offset():
     growth_per_token = (saved(8) - saved(1)) / length
     # 7 more band probabilities per head (fp32) may be kept; a copy of k or v per offset may not
     assert growth_per_token <= 2 * 7 * heads * 4
+
+
+@pytest.mark.parametrize("device,length,expected", [
+    ("cpu", 65536, "reference"), ("cuda", 1024, "flex"), ("cuda", 16384, "flex"), ("cuda", 65536, "flash"),
+])
+def test_auto_picks_the_path_measured_fastest_for_the_length(device, length, expected):
+    assert resolve_chunk_impl("auto", torch.device(device), length) == expected
+    assert resolve_chunk_impl("flex", torch.device(device), length) == "flex"  # an explicit choice stands

@@ -13,8 +13,7 @@ Attamba's mask: query t sees key s iff ``(s < t and boundary[s])`` or
   queries folded into phases, plus a ``lead + 1`` key band in fused Triton kernels,
   merged by log-sum-exp (:mod:`attamba.ops.chunk_flash`). Exact forward and backward
   everywhere (dense fp32 matrices and PyTorch stand in for the kernels off CUDA or in
-  fp32). On the H200 it is the fastest at 64K and keeps the least memory, but flex is
-  ahead at 1K (see the README), so it is opt-in.
+  fp32). On the H200 it trains fastest at 64K tokens; flex is ahead up to 16K (README).
 * ``flex``: never builds an ``L x L`` mask. The boundary keys/values are gathered
   once and put in front of all keys, ``[k_boundary | k]``, and a FlexAttention
   block mask lets query t see gathered key j iff ``pos[j] < t - lead`` (so a
@@ -22,7 +21,8 @@ Attamba's mask: query t sees key s iff ``(s < t and boundary[s])`` or
   ``t - lead <= s <= t``. The gathered part is causal-like over
   ``L/P`` keys and the raw part a narrow band, so almost every block is skipped.
   Fast and differentiable on CUDA; on CPU FlexAttention runs forward only.
-* ``auto``: ``flex`` on CUDA, ``reference`` elsewhere.
+* ``auto``: on CUDA, ``flash`` for chunk attention over at least ``FLASH_FROM_LENGTH``
+  tokens and ``flex`` otherwise; ``reference`` elsewhere.
 """
 
 from __future__ import annotations
@@ -41,6 +41,10 @@ from attamba.ops.chunk_flash import PhaseTable, chunk_flash_attention, phase_tab
 # of it so the raw keys start on a block edge and the KV length varies little
 # between layers (fewer recompilations).
 _FLEX_BLOCK = 128
+
+# From this many tokens `auto` runs chunk attention on the flash path (H200 training, README:
+# 2.27x the transformer at 64K against flex's 1.98x; flex ahead at 16K, 1.07x against 0.80x).
+FLASH_FROM_LENGTH = 65536
 
 # Enough compiled variants for every (sequence length, KV length, mask) a model
 # and a benchmark sweep meet; the default (8) silently falls back to eager.
@@ -87,7 +91,8 @@ def chunk_attention(
     ``impl``: ``"reference"`` = SDPA with the dense mask (CPU/CUDA, the oracle);
     ``"flash"`` = phase-folded flash attention plus a band (CUDA kernel; exact anywhere);
     ``"flex"`` = FlexAttention over ``[gathered boundary keys | all keys]``, no
-    ``L x L`` mask (CUDA; forward-only on CPU); ``"auto"`` = flex on CUDA, else reference.
+    ``L x L`` mask (CUDA; forward-only on CPU); ``"auto"`` = flash on CUDA from
+    ``FLASH_FROM_LENGTH`` tokens, flex below, reference off CUDA.
     Models prepare the mask once with :func:`chunk_mask` and call :func:`attend_chunks`.
     """
     _check_qkv(q, k, v)
@@ -118,7 +123,7 @@ def chunk_mask(boundary: torch.Tensor, leading_tokens: int, device: torch.device
     """The (cached) :class:`ChunkMask` of a bool ``[L]`` boundary layout on ``device``."""
     _check_leading_tokens(leading_tokens)
     device = torch.device(device)
-    resolved = _resolve_impl(impl, device)
+    resolved = resolve_chunk_impl(impl, device, boundary.shape[0])
     contents = boundary.detach().to("cpu", torch.bool).numpy().tobytes()
     return _build_chunk_mask(contents, leading_tokens, device, resolved)
 
@@ -169,6 +174,14 @@ def causal_attention(
 
 # FlexAttention's compiled kernels need at least this head width.
 _FLEX_MIN_HEAD_DIM = 16
+
+
+def resolve_chunk_impl(impl: str, device: torch.device, length: int) -> str:
+    """The implementation chunk attention over ``length`` tokens runs for ``model.attn_impl=impl``."""
+    resolved = _resolve_impl(impl, device)
+    if impl == "auto" and resolved == "flex" and length >= FLASH_FROM_LENGTH:
+        return "flash"
+    return resolved
 
 
 def _resolve_impl(impl: str, device: torch.device) -> str:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -78,37 +79,73 @@ def chunk_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tab
     else:
         dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    # The table goes in as tensors and ints, which torch.compile traces through an autograd.Function.
-    return _ChunkFlash.apply(q, k, v, table.keys, table.slots, table.fold_index, table.holds_query, table.phases,
-                             table.lead)
+    return _chunk_flash_fwd(q, k, v, table.keys, table.slots, table.fold_index, table.holds_query, table.phases,
+                            table.lead, 1.0 / math.sqrt(q.shape[-1]))[0]
 
 
-class _ChunkFlash(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, keys, slots, fold_index, holds_query, phases: int, lead: int):
-        table = PhaseTable(keys, slots, fold_index, holds_query, phases, lead)
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        past, kernel_state = None, ()
-        if phases:
-            *past, kernel_state = _past_forward(q, k, v, table, scale)
-        out, lse = _band(q, k, v, lead, scale, past)
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, keys, slots, fold_index, holds_query, *kernel_state)
-        ctx.phases, ctx.lead, ctx.scale = phases, lead, scale
-        return out
+# The forward and backward are custom ops, opaque to torch.compile, with the backward registered as the
+# forward's autograd formula. (As a traced torch.autograd.Function, torch 2.11's compiled models fed its
+# backward a zero gradient in place of the real one: attention learned nothing, silently.)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, keys, slots, fold_index, holds_query, *kernel_state = ctx.saved_tensors
-        table, scale = PhaseTable(keys, slots, fold_index, holds_query, ctx.phases, ctx.lead), ctx.scale
-        grad_out = grad_out.contiguous()
-        dq, dk, dv = _band_gradients(grad_out, q, k, v, out, lse, table.lead, scale)
-        if table.phases:
-            past_dq, past_dk, past_dv = _past_backward(grad_out, q, k, v, out, lse, table, scale, kernel_state)
-            dq = dq + past_dq
-            dk = dk.index_add(2, table.keys, past_dk)
-            dv = dv.index_add(2, table.keys, past_dv)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+
+@torch.library.custom_op("attamba::chunk_flash_fwd", mutates_args=())
+def _chunk_flash_fwd(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, slots: Tensor, fold_index: Tensor,
+                     holds_query: Tensor, phases: int, lead: int, scale: float
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The output, the joint log-sum-exp, and the causal kernel's RNG state (seed, offset) for its backward."""
+    table = PhaseTable(keys, slots, fold_index, holds_query, phases, lead)
+    past, seed, offset = None, _no_state(q), _no_state(q)
+    if phases:
+        *past, (seed, offset) = _past_forward(q, k, v, table, scale)
+    out, lse = _band(q, k, v, lead, scale, past)
+    return out.to(q.dtype).contiguous(), lse.contiguous(), seed, offset
+
+
+@_chunk_flash_fwd.register_fake
+def _chunk_flash_fwd_fake(q, k, v, keys, slots, fold_index, holds_query, phases, lead, scale):
+    return (q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32), _no_state(q), _no_state(q))
+
+
+@torch.library.custom_op("attamba::chunk_flash_bwd", mutates_args=())
+def _chunk_flash_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, seed: Tensor,
+                     offset: Tensor, keys: Tensor, slots: Tensor, fold_index: Tensor, holds_query: Tensor,
+                     phases: int, lead: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) in the inputs' dtypes."""
+    table = PhaseTable(keys, slots, fold_index, holds_query, phases, lead)
+    grad_out = grad_out.contiguous()
+    dq, dk, dv = _band_gradients(grad_out, q, k, v, out, lse, lead, scale)
+    if phases:
+        past_dq, past_dk, past_dv = _past_backward(grad_out, q, k, v, out, lse, table, scale, (seed, offset))
+        dq = dq + past_dq
+        dk = dk.index_add(2, table.keys, past_dk)
+        dv = dv.index_add(2, table.keys, past_dv)
+    return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
+
+
+@_chunk_flash_bwd.register_fake
+def _chunk_flash_bwd_fake(grad_out, q, k, v, out, lse, seed, offset, keys, slots, fold_index, holds_query,
+                          phases, lead, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _no_state(q: Tensor) -> Tensor:
+    """A placeholder RNG seed or offset where no causal kernel runs (the outputs of a custom op are fixed)."""
+    return q.new_zeros((), dtype=torch.long)
+
+
+def _save_for_backward(ctx, inputs: tuple, output: tuple) -> None:
+    q, k, v, keys, slots, fold_index, holds_query, phases, lead, scale = inputs
+    out, lse, seed, offset = output
+    ctx.save_for_backward(q, k, v, out, lse, seed, offset, keys, slots, fold_index, holds_query)
+    ctx.phases, ctx.lead, ctx.scale = phases, lead, scale
+
+
+def _backward(ctx, grad_out: Tensor, *_unused_grads):
+    dq, dk, dv = _chunk_flash_bwd(grad_out, *ctx.saved_tensors, ctx.phases, ctx.lead, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_chunk_flash_fwd.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 # ---------------------------------------------------------------------------
@@ -265,27 +302,27 @@ def _causal_forward(q, k, v, scale: float):
     On CUDA in half precision this is cuDNN's flash kernel, the one PyTorch's SDPA itself
     prefers on Hopper (faster there than ``_scaled_dot_product_flash_attention``: see the
     README), given key/value heads repeated to q's. Returns the output, the log-sum-exp,
-    and the tensors its backward wants back (sequence offsets, RNG state).
+    and the kernel's RNG (seed, offset), which its backward wants back.
     """
     if _flash_eligible(q):
         k, v = _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1])
-        out, lse, cum_q, cum_k, _, _, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        out, lse, _, _, _, _, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, True, 0.0, True, False, scale=scale)
-        return out, lse.squeeze(-1), (cum_q, cum_k, seed, offset)
+        return out, lse.squeeze(-1), (seed, offset)
     # fp32, or no GPU: the same arithmetic in dense matrices (the fused kernel takes half precision on CUDA)
     scores = _causal_scores(q, k, scale)
     lse = scores.logsumexp(-1)
-    return (scores - lse.unsqueeze(-1)).exp() @ _grouped_kv(v, q), lse, ()
+    return (scores - lse.unsqueeze(-1)).exp() @ _grouped_kv(v, q), lse, (_no_state(q), _no_state(q))
 
 
 def _causal_backward(grad_out, q, k, v, out, lse, scale: float, kernel_state):
     """Gradients of :func:`_causal_forward` given the (joint) output and log-sum-exp of every query."""
     if _flash_eligible(q):
         n = q.shape[2]
-        cum_q, cum_k, seed, offset = kernel_state
+        seed, offset = kernel_state
         dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             grad_out.to(q.dtype), q, _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1]),
-            out.to(q.dtype).contiguous(), lse.unsqueeze(-1).contiguous(), seed, offset, None, cum_q, cum_k, n, n,
+            out.to(q.dtype).contiguous(), lse.unsqueeze(-1).contiguous(), seed, offset, None, None, None, n, n,
             0.0, True, scale=scale)
         return dq, _sum_groups(_wide(dk), k.shape[1]), _sum_groups(_wide(dv), k.shape[1])
     grad_out, out = _wide(grad_out), _wide(out)
@@ -305,8 +342,12 @@ def _causal_scores(q, k, scale: float) -> torch.Tensor:
 
 
 def _repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """Key/value heads ``[b, h_kv, n, d]`` repeated to ``heads``: query head j reads head j // (heads / h_kv)."""
-    return x.repeat_interleave(heads // x.shape[1], dim=1)
+    """Key/value heads ``[b, h_kv, n, d]`` repeated to ``heads``: query head j reads head j // (heads / h_kv).
+
+    One expand and one copy: the op runs eagerly (inside a custom op), where nothing may wait on the GPU.
+    """
+    b, kv_heads, n, d = x.shape
+    return x.unsqueeze(2).expand(b, kv_heads, heads // kv_heads, n, d).reshape(b, heads, n, d)
 
 
 def _grouped_kv(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
