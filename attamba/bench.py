@@ -111,16 +111,23 @@ def _host_ms(step: Callable[[], None], device: torch.device) -> float | None:
     """Milliseconds the host takes to issue one step while the GPU is kept busy (CUDA only).
 
     Near ``step_ms``, the step is bound by the host (Python and kernel launches), not the GPU.
+    None when the host waited for the GPU to wake up before it could finish issuing the step:
+    something in it synchronises, or it has more kernels than CUDA's launch queue holds (~1,000).
     """
     if device.type != "cuda":
         return None
+    sleep_cycles = 1_000_000_000  # ~0.5 s of GPU clock cycles: nothing issued behind it can start
     torch.cuda.synchronize(device)
-    torch.cuda._sleep(1_000_000_000)  # ~0.5 s of GPU clock cycles: nothing issued below can start
+    start = time.perf_counter()
+    torch.cuda._sleep(sleep_cycles)
+    torch.cuda.synchronize(device)
+    asleep_s = time.perf_counter() - start
+    torch.cuda._sleep(sleep_cycles)
     start = time.perf_counter()
     step()
     host_s = time.perf_counter() - start
     torch.cuda.synchronize(device)
-    return host_s * 1e3
+    return None if host_s >= asleep_s else host_s * 1e3
 
 
 def _compiled(model: torch.nn.Module, compile_model: bool | str) -> torch.nn.Module:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attamba.ops.conv import chunked_causal_conv, conv_step
+from attamba.ops.conv import chunked_causal_conv, conv_step, offset_in_chunk
 
 LENGTH, CHANNELS = 30, 6
 LAYOUTS = {
@@ -51,7 +51,7 @@ def test_matches_brute_force(width, layout, with_bias):
     x, weight, bias = make(width, with_bias)
     chunk_start = starts(LAYOUTS[layout])
     expected = brute_force(x, weight, bias, chunk_start)
-    torch.testing.assert_close(chunked_causal_conv(x, weight, bias, chunk_start), expected)
+    torch.testing.assert_close(chunked_causal_conv(x, weight, bias, offset_in_chunk(chunk_start)), expected)
 
 
 @pytest.mark.parametrize("width", [2, 3, 4])
@@ -60,7 +60,7 @@ def test_without_resets_equals_mambas_conv1d(width):
     x, weight, bias = make(width, True)
     conv = F.conv1d(x.transpose(1, 2), weight[:, None, :], bias, padding=width - 1, groups=CHANNELS)
     expected = F.silu(conv[..., :LENGTH]).transpose(1, 2)
-    torch.testing.assert_close(chunked_causal_conv(x, weight, bias, starts([0])), expected)
+    torch.testing.assert_close(chunked_causal_conv(x, weight, bias, offset_in_chunk(starts([0]))), expected)
 
 
 @pytest.mark.parametrize("width", [2, 3, 4])
@@ -69,8 +69,8 @@ def test_no_leak_across_chunk_starts(width):
     chunk_start = starts(LAYOUTS["irregular"])
     poked = x.clone()
     poked[:, 19] += 1.0  # last token of chunk [8, 20)
-    change = (chunked_causal_conv(x, weight, bias, chunk_start)
-              - chunked_causal_conv(poked, weight, bias, chunk_start)).abs().amax(dim=(0, 2))
+    change = (chunked_causal_conv(x, weight, bias, offset_in_chunk(chunk_start))
+              - chunked_causal_conv(poked, weight, bias, offset_in_chunk(chunk_start))).abs().amax(dim=(0, 2))
     assert change[:19].eq(0).all()
     assert change[19] > 0
     assert change[20:].eq(0).all()  # token 20 starts a chunk: the window must not reach back
@@ -81,7 +81,7 @@ def test_no_leak_across_chunk_starts(width):
 def test_steps_continue_the_full_conv(width, layout):
     x, weight, bias = make(width, True)
     chunk_start = starts(LAYOUTS[layout])
-    full = chunked_causal_conv(x, weight, bias, chunk_start)
+    full = chunked_causal_conv(x, weight, bias, offset_in_chunk(chunk_start))
     split = 13  # prefill the first 13 tokens, then decode token by token
     state = x.new_zeros(2, CHANNELS, width - 1)
     outputs = []
@@ -91,7 +91,7 @@ def test_steps_continue_the_full_conv(width, layout):
         y_t, state = conv_step(state, x[:, t], weight, bias)
         outputs.append(y_t)
         if t == split - 1:
-            prefix = chunked_causal_conv(x[:, :split], weight, bias, chunk_start[:split])
+            prefix = chunked_causal_conv(x[:, :split], weight, bias, offset_in_chunk(chunk_start[:split]))
             torch.testing.assert_close(torch.stack(outputs, 1), prefix)
     torch.testing.assert_close(torch.stack(outputs, 1), full)
 
@@ -100,7 +100,7 @@ def test_low_precision_input_keeps_its_dtype():
     x, weight, bias = make(4, True)
     chunk_start = starts(LAYOUTS["uniform_P4"])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = chunked_causal_conv(x.bfloat16(), weight, bias, chunk_start)
+        y = chunked_causal_conv(x.bfloat16(), weight, bias, offset_in_chunk(chunk_start))
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), brute_force(x.bfloat16().float(), weight, bias, chunk_start),
                                atol=1e-2, rtol=1e-2)
@@ -110,4 +110,16 @@ def test_low_precision_input_keeps_its_dtype():
 def test_bad_width_names_the_setting(width):
     x, weight, bias = make(width, True)
     with pytest.raises(ValueError, match="model.ssm.conv"):
+        chunked_causal_conv(x, weight, bias, offset_in_chunk(starts([0])))
+
+
+def test_offset_in_chunk_counts_from_each_chunk_start():
+    offsets = offset_in_chunk(starts(LAYOUTS["irregular"]))  # starts 0, 1, 2, 7, 8, 20, 29
+    assert offsets[:10].tolist() == [0, 0, 0, 1, 2, 3, 4, 0, 0, 1]
+    assert offsets[-2:].tolist() == [8, 0]
+
+
+def test_bool_chunk_starts_in_place_of_offsets_are_refused():
+    x, weight, bias = make(4, True)
+    with pytest.raises(ValueError, match="offset_in_chunk must be an int64 tensor"):
         chunked_causal_conv(x, weight, bias, starts([0]))

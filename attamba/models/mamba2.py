@@ -130,7 +130,7 @@ class SSMBlock(nn.Module):
         z, xbc, dt = self._split(self._project(u))
         raw_xbc = xbc
         if self.cfg.conv > 0:
-            xbc = chunked_causal_conv(xbc.flatten(-2), self.conv_weight, self.conv_bias, plan.chunk_start)
+            xbc = chunked_causal_conv(xbc.flatten(-2), self.conv_weight, self.conv_bias, plan.offset_in_chunk)
             xbc = xbc.unflatten(-1, (self.streams, self.conv_width))
         x, dt, A, B, C = self._scan_inputs(xbc, dt)
         scanned = scan(x, dt, A, B, C, plan, D=self.D.float(), return_final_state=return_state)

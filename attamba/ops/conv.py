@@ -15,19 +15,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def chunked_causal_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], chunk_start: Tensor) -> Tensor:
+def chunked_causal_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], offset_in_chunk: Tensor) -> Tensor:
     """Depthwise causal conv + SiLU whose window never reaches before the current chunk's start.
 
     x [b, L, c]; weight [c, w] (w in 2..4, weight[:, -1] multiplies the current token, like
     nn.Conv1d with padding w-1 and `groups=c`, as in Mamba); bias [c] or None;
-    chunk_start bool [L]. Returns silu(conv) [b, L, c] in x's dtype (accumulated in fp32).
+    offset_in_chunk long [L] (from :func:`offset_in_chunk`, on x's device). Returns silu(conv)
+    [b, L, c] in x's dtype (accumulated in fp32).
     """
     _check_conv_inputs(x, weight, bias)
     length, width = x.shape[1], weight.shape[1]
-    if chunk_start.shape != (length,) or chunk_start.dtype != torch.bool:
-        raise ValueError(f"chunked_causal_conv: chunk_start must be a bool tensor of shape ({length},), "
-                         f"got {chunk_start.dtype} {tuple(chunk_start.shape)}")
-    offset = _offset_in_chunk(chunk_start.to(x.device))  # [L]
+    if offset_in_chunk.shape != (length,) or offset_in_chunk.dtype != torch.long:
+        raise ValueError(f"chunked_causal_conv: offset_in_chunk must be an int64 tensor of shape ({length},), "
+                         f"got {offset_in_chunk.dtype} {tuple(offset_in_chunk.shape)}")
     with torch.autocast(x.device.type, enabled=False):
         xf, wf = x.float(), weight.float()
         padded = F.pad(xf, (0, 0, width - 1, 0))  # w-1 zeros in front: padded[:, t + w-1] = x_t
@@ -35,7 +35,7 @@ def chunked_causal_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], chunk
         for lag in range(width):
             # Tap `lag` reads x_{t-lag}, which belongs to the current chunk iff lag <= offset_t.
             tap = padded[:, width - 1 - lag: width - 1 - lag + length] * wf[:, width - 1 - lag]
-            out = out + tap * (lag <= offset)[None, :, None]
+            out = out + tap * (lag <= offset_in_chunk)[None, :, None]
         return F.silu(out).to(x.dtype)
 
 
@@ -58,8 +58,11 @@ def conv_step(conv_state: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tens
     return y, window[..., 1:]
 
 
-def _offset_in_chunk(chunk_start: Tensor) -> Tensor:
-    """Position of every token inside its chunk (token 0 always starts one), without a host sync."""
+def offset_in_chunk(chunk_start: Tensor) -> Tensor:
+    """Each token's position inside its chunk, int64 ``[L]``, from a bool ``[L]`` layout (token 0 starts one).
+
+    Host work for a layout's plan: the conv then only compares it with its lags.
+    """
     token = torch.arange(chunk_start.numel(), device=chunk_start.device)
     first = torch.where(chunk_start, token, torch.zeros_like(token)).cummax(dim=0).values
     return token - first

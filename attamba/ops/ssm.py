@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attamba.ops.conv import offset_in_chunk
+
 if TYPE_CHECKING:  # imported lazily at run time: it needs triton
     from attamba.ops.ssm_triton import TileTable
 
@@ -212,6 +214,7 @@ class ScanPlan:
     impl: str  # the implementation `scan` runs (never "auto")
     requested: str  # model.ssm.impl as asked: under "auto", shapes `tiled` cannot take fall back
     chunk_start: Tensor  # bool [L] on the device
+    offset_in_chunk: Tensor  # int64 [L] on the device: each token's position in its chunk (the conv's reach)
     layout: ChunkLayout  # the padded grid of the `blockdiag` path
     tiles: Optional["TileTable"]  # the `tiled` kernel's token ranges (None unless impl == "tiled")
 
@@ -245,7 +248,8 @@ def _plan_from_bytes(key: bytes, device: torch.device, impl: str) -> ScanPlan:
             raise ValueError(f"model.ssm.impl='tiled' needs every chunk to be at most {TILE} tokens; "
                              f"use model.ssm.impl=auto")
         tiles = tiles.to(device)
-    return ScanPlan(chosen, impl, chunk_start.to(device), _layout_from_bytes(key, device), tiles)
+    return ScanPlan(chosen, impl, chunk_start.to(device), offset_in_chunk(chunk_start).to(device),
+                    _layout_from_bytes(key, device), tiles)
 
 
 def chunk_layout(chunk_start: Tensor, device: torch.device | str) -> ChunkLayout:
