@@ -94,9 +94,10 @@ def _chunk_flash_fwd(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, slots: Tenso
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The output, the joint log-sum-exp, and the causal kernel's RNG state (seed, offset) for its backward."""
     table = PhaseTable(keys, slots, fold_index, holds_query, phases, lead)
-    past, seed, offset = None, _no_state(q), _no_state(q)
     if phases:
         *past, (seed, offset) = _past_forward(q, k, v, table, scale)
+    else:
+        past, seed, offset = None, _no_state(q), _no_state(q)
     out, lse = _band(q, k, v, lead, scale, past)
     return out.to(q.dtype).contiguous(), lse.contiguous(), seed, offset
 
@@ -110,22 +111,20 @@ def _chunk_flash_fwd_fake(q, k, v, keys, slots, fold_index, holds_query, phases,
 def _chunk_flash_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, seed: Tensor,
                      offset: Tensor, keys: Tensor, slots: Tensor, fold_index: Tensor, holds_query: Tensor,
                      phases: int, lead: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) in the inputs' dtypes."""
+    """(dq, dk, dv) in fp32 (or wider): the cast to the inputs' dtypes is left to the compiled graph to fuse."""
     table = PhaseTable(keys, slots, fold_index, holds_query, phases, lead)
     grad_out = grad_out.contiguous()
     dq, dk, dv = _band_gradients(grad_out, q, k, v, out, lse, lead, scale)
     if phases:
-        past_dq, past_dk, past_dv = _past_backward(grad_out, q, k, v, out, lse, table, scale, (seed, offset))
-        dq = dq + past_dq
-        dk = dk.index_add(2, table.keys, past_dk)
-        dv = dv.index_add(2, table.keys, past_dv)
-    return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
+        _add_past_gradients(dq, dk, dv, grad_out, q, k, v, out, lse, table, scale, (seed, offset))
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @_chunk_flash_bwd.register_fake
 def _chunk_flash_bwd_fake(grad_out, q, k, v, out, lse, seed, offset, keys, slots, fold_index, holds_query,
                           phases, lead, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    wide = torch.promote_types(q.dtype, torch.float32)
+    return q.new_empty(q.shape, dtype=wide), k.new_empty(k.shape, dtype=wide), v.new_empty(v.shape, dtype=wide)
 
 
 def _no_state(q: Tensor) -> Tensor:
@@ -141,8 +140,9 @@ def _save_for_backward(ctx, inputs: tuple, output: tuple) -> None:
 
 
 def _backward(ctx, grad_out: Tensor, *_unused_grads):
+    q, k, v = ctx.saved_tensors[:3]
     dq, dk, dv = _chunk_flash_bwd(grad_out, *ctx.saved_tensors, ctx.phases, ctx.lead, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
 
 
 _chunk_flash_fwd.register_autograd(_backward, setup_context=_save_for_backward)
@@ -279,17 +279,20 @@ def _past_forward(q, k, v, table: PhaseTable, scale: float):
             kernel_state)
 
 
-def _past_backward(grad_out, q, k, v, out, lse, table: PhaseTable, scale: float, kernel_state):
+def _add_past_gradients(dq, dk, dv, grad_out, q, k, v, out, lse, table: PhaseTable, scale: float,
+                        kernel_state) -> None:
+    """Adds the past boundaries' part to the band's gradients ``dq, dk, dv`` (in place)."""
     keys, values = k.index_select(2, table.keys), v.index_select(2, table.keys)
     # Padding slots get a zero gradient, so they add nothing (their log-sum-exp, token 0's, is finite).
     padding = ~table.holds_query.view(table.phases, -1, 1)
     grad_folded = _fold(grad_out, table).unflatten(1, (-1, table.phases)).masked_fill(padding, 0).flatten(1, 2)
     folded_lse = _fold(lse.unsqueeze(-1), table).squeeze(-1)
-    dq, dkeys, dvalues = _causal_backward(grad_folded, _fold(q, table), keys, values,
-                                          _fold(out, table), folded_lse, scale, kernel_state)
+    folded_dq, dkeys, dvalues = _causal_backward(grad_folded, _fold(q, table), keys, values,
+                                                 _fold(out, table), folded_lse, scale, kernel_state)
     b, h, _, d = q.shape
-    dq = torch.zeros_like(_wide(q)).index_add(2, table.slots, _wide(dq.reshape(b, h, -1, d)))
-    return dq, _wide(dkeys), _wide(dvalues)
+    dq.index_add_(2, table.slots, folded_dq.reshape(b, h, -1, d).to(dq.dtype))
+    dk.index_add_(2, table.keys, dkeys.to(dk.dtype))
+    dv.index_add_(2, table.keys, dvalues.to(dv.dtype))
 
 
 def _flash_eligible(q: torch.Tensor) -> bool:
@@ -357,4 +360,6 @@ def _grouped_kv(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def _sum_groups(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
     b, h, n, d = x.shape
+    if h == kv_heads:
+        return x
     return x.view(b, kv_heads, h // kv_heads, n, d).sum(2)
