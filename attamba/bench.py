@@ -70,7 +70,8 @@ def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens
 
 
 def bench_training(model_cfg: ModelConfig, chunking: ChunkingConfig, context: int, batch: int, steps: int,
-                   warmup: int, compile_model: bool | str, device: torch.device, profile: int = 0) -> dict:
+                   warmup: int, compile_model: bool | str, device: torch.device, profile: int = 0,
+                   trace: Path | None = None) -> dict:
     torch.manual_seed(0)
     model = build_model(model_cfg, chunking).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -91,7 +92,7 @@ def bench_training(model_cfg: ModelConfig, chunking: ChunkingConfig, context: in
     seconds = _timed(train_step, device, steps, warmup)
     host_ms = _host_ms(train_step, device)
     if profile:
-        _profile(train_step, profile)
+        _profile(train_step, profile, trace)
     tokens_per_s = batch * context / seconds
     peak = peak_flops(device)
     flops = accounting.flops_per_token(model_cfg, chunking, context, training=True)
@@ -186,8 +187,9 @@ def bench_ddp(model_cfg: ModelConfig, chunking: ChunkingConfig, context: int, gl
             "step_ms": seconds * 1e3, "losses": [float(loss) for loss in losses]}
 
 
-def _profile(step: Callable[[], None], rows: int) -> None:
-    """The ``rows`` kernels that take the most device time over two steps, to stderr."""
+def _profile(step: Callable[[], None], rows: int, trace: Path | None = None) -> None:
+    """The ``rows`` kernels that take the most device time over two steps, to stderr; their
+    Chrome trace (host ops, launches and kernels on one timeline) to ``trace`` if given."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -196,6 +198,9 @@ def _profile(step: Callable[[], None], rows: int) -> None:
             step()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+    if trace is not None:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        profiler.export_chrome_trace(str(trace))
     sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     print(profiler.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=90), file=sys.stderr)
 
@@ -230,7 +235,7 @@ def bench_decoding(model_cfg: ModelConfig, chunking: ChunkingConfig, context: in
 
 
 def bench_attention(context: int, size: int, lead: int, device: torch.device, impl: str = "auto",
-                    batch: int = 1, repeats: int = 10, profile: int = 0) -> dict:
+                    batch: int = 1, repeats: int = 10, profile: int = 0, trace: Path | None = None) -> dict:
     """Chunk-boundary attention alone (compiled, as in a model) vs full causal flash SDPA, fwd+bwd, bf16.
 
     ``batch`` sequences of ``context`` tokens, 8 heads of 64: one layer's attention in a training step.
@@ -253,7 +258,7 @@ def bench_attention(context: int, size: int, lead: int, device: torch.device, im
     chunk = _timed(run(lambda: attend(q, k, v, mask)), device, repeats, warmup=3)
     full = _timed(run(lambda: causal_attention(q, k, v)), device, repeats, warmup=3)
     if profile:
-        _profile(run(lambda: attend(q, k, v, mask)), profile)
+        _profile(run(lambda: attend(q, k, v, mask)), profile, trace)
     return {"context": context, "batch": batch, "chunk_impl": mask.impl, "chunk_ms": chunk * 1e3,
             "causal_flash_ms": full * 1e3, "speedup": full / chunk}
 
@@ -293,6 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
                         help="after timing, print the ROWS most expensive kernels of two training steps "
                              "(and of two chunk-attention calls)")
+    parser.add_argument("--trace", type=Path, metavar="DIR",
+                        help="with --profile, also write each profile's Chrome trace there (MODEL-CONTEXT.json.gz)")
     parser.add_argument("--decode-context", type=int, default=0, help="0 skips decoding")
     parser.add_argument("--decode-batch", type=int, default=16)
     parser.add_argument("--decode-tokens", type=int, default=32)
@@ -307,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    if args.trace and not args.profile:
+        parser.error("--trace writes the traces of --profile: give --profile ROWS as well")
     device = torch.device(args.device)
     torch._dynamo.config.recompile_limit = 64
 
@@ -320,8 +329,9 @@ def main(argv: list[str] | None = None) -> None:
         batch = max(1, args.tokens_per_step // context)
         results = {}
         for name, (cfg, chunking) in models.items():
+            trace = args.trace / f"{name}-{context}.json.gz" if args.trace else None
             results[name] = _measure(lambda: bench_training(cfg, chunking, context, batch, args.steps, args.warmup,
-                                                            args.compile, device, args.profile))
+                                                            args.compile, device, args.profile, trace))
             _progress("training", name, {"context": context, **results[name]})
         for name, result in results.items():
             rows.append({"model": name, "context": context, "batch": batch, **result,
@@ -343,7 +353,8 @@ def main(argv: list[str] | None = None) -> None:
     for context in args.attention:
         measured = _measure(lambda: bench_attention(context, args.chunk_size, args.leading_tokens, device,
                                                     args.attn_impl, max(1, args.tokens_per_step // context),
-                                                    profile=args.profile))
+                                                    profile=args.profile,
+                                                    trace=args.trace / f"attention-{context}.json.gz" if args.trace else None))
         attention_rows.append({"context": context, **measured})
         _progress("attention", "chunk-vs-flash", attention_rows[-1])
 

@@ -87,3 +87,21 @@ def test_cuda_graph_compilation_keeps_a_ddp_graph_whole(tmp_path):
             assert torch._dynamo.config.optimize_ddp is False
     finally:
         dist.destroy_process_group()
+
+
+def test_profile_traces_are_written_per_model_and_context(tmp_path, capsys):
+    import gzip
+
+    main([*TINY, "--contexts", "64", "--tokens-per-step", "128", "--attention", "64", "--profile", "3",
+          "--trace", str(tmp_path / "traces")])
+    written = sorted(path.name for path in (tmp_path / "traces").iterdir())
+    assert written == ["attamba-cyclic-P8-64.json.gz", "attention-64.json.gz", "transformer-64.json.gz"]
+    events = json.loads(gzip.open(tmp_path / "traces" / "attamba-cyclic-P8-64.json.gz").read())["traceEvents"]
+    assert any(event.get("name") == "aten::mm" for event in events)
+    assert "Self CPU" in capsys.readouterr().err  # the --profile table itself
+
+
+def test_trace_without_profile_is_refused_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main([*TINY, "--contexts", "64", "--trace", str(tmp_path)])
+    assert "--trace" in capsys.readouterr().err and not any(tmp_path.iterdir())
