@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         batch = max(1, args.tokens_per_step // context)
         results = {}
         for name, (cfg, chunking) in models.items():
-            trace = args.trace / f"{name}-{context}.json.gz" if args.trace else None
+            trace = _trace_path(args.trace, f"{name}-{context}")
             results[name] = _measure(lambda: bench_training(cfg, chunking, context, batch, args.steps, args.warmup,
                                                             args.compile, device, args.profile, trace))
             _progress("training", name, {"context": context, **results[name]})
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
         measured = _measure(lambda: bench_attention(context, args.chunk_size, args.leading_tokens, device,
                                                     args.attn_impl, max(1, args.tokens_per_step // context),
                                                     profile=args.profile,
-                                                    trace=args.trace / f"attention-{context}.json.gz" if args.trace else None))
+                                                    trace=_trace_path(args.trace, f"attention-{context}")))
         attention_rows.append({"context": context, **measured})
         _progress("attention", "chunk-vs-flash", attention_rows[-1])
 
@@ -385,6 +385,11 @@ def _measure(run: Callable[[], dict]) -> dict:
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _trace_path(directory: Path | None, stem: str) -> Path | None:
+    """Where ``--trace`` puts one profile's Chrome trace (None without ``--trace``)."""
+    return directory / f"{stem}.json.gz" if directory else None
 
 
 def _ratio(result: dict, baseline: dict, key: str) -> float | None:

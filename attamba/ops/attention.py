@@ -43,7 +43,7 @@ from attamba.ops.chunk_flash import PhaseTable, chunk_flash_attention, phase_tab
 _FLEX_BLOCK = 128
 
 # From this many tokens `auto` runs chunk attention on the flash path (H200 training, README:
-# 2.27x the transformer at 64K against flex's 1.98x; flex ahead at 16K, 1.07x against 0.80x).
+# 2.27x the transformer at 64K against flex's 1.98x; flex ahead at 16K, 1.07x against 0.71-0.80x).
 FLASH_FROM_LENGTH = 65536
 
 # Enough compiled variants for every (sequence length, KV length, mask) a model
