@@ -54,6 +54,29 @@ def test_matches_brute_force(width, layout, with_bias):
     torch.testing.assert_close(chunked_causal_conv(x, weight, bias, offset_in_chunk(chunk_start)), expected)
 
 
+def test_channels_over_several_dims_match_the_flat_conv_forward_and_backward():
+    """The model convolves [b, L, streams, width] in place: same values and gradients as flattened channels."""
+    streams, width = 2, 3
+    x, weight, bias = (t.requires_grad_() for t in make(4, True))
+    offsets = offset_in_chunk(starts(LAYOUTS["irregular"]))
+    flat = chunked_causal_conv(x, weight, bias, offsets)
+    split = chunked_causal_conv(x.unflatten(-1, (streams, width)), weight.unflatten(0, (streams, width)),
+                                bias.unflatten(0, (streams, width)), offsets)
+    torch.testing.assert_close(split.flatten(-2), flat)
+    grad = torch.randn_like(flat)
+    expected = torch.autograd.grad(brute_force(x, weight, bias, starts(LAYOUTS["irregular"])), (x, weight, bias), grad)
+    for got, want in zip(torch.autograd.grad(split.flatten(-2), (x, weight, bias), grad), expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_the_sequence_end_never_reaches_its_start():
+    """Taps are shifted cyclically; those that wrap around are masked, so even a NaN at the end stays there."""
+    x, weight, bias = make(4, True)
+    x[:, -1] = float("nan")
+    out = chunked_causal_conv(x, weight, bias, offset_in_chunk(starts(LAYOUTS["uniform_P4"])))
+    assert out[:, :-1].isfinite().all()
+
+
 @pytest.mark.parametrize("width", [2, 3, 4])
 def test_without_resets_equals_mambas_conv1d(width):
     """weight[:, -1] multiplies the current token, as in nn.Conv1d(padding=w-1, groups=c)[..., :L]."""

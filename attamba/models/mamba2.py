@@ -130,8 +130,9 @@ class SSMBlock(nn.Module):
         z, xbc, dt = self._split(self._project(u))
         raw_xbc = xbc
         if self.cfg.conv > 0:
-            xbc = chunked_causal_conv(xbc.flatten(-2), self.conv_weight, self.conv_bias, plan.offset_in_chunk)
-            xbc = xbc.unflatten(-1, (self.streams, self.conv_width))
+            per_stream = (self.streams, self.conv_width)
+            xbc = chunked_causal_conv(xbc, self.conv_weight.unflatten(0, per_stream),
+                                      self.conv_bias.unflatten(0, per_stream), plan.offset_in_chunk)
         x, dt, A, B, C = self._scan_inputs(xbc, dt)
         scanned = scan(x, dt, A, B, C, plan, D=self.D.float(), return_final_state=return_state)
         y, final_state = scanned if return_state else (scanned, None)

@@ -18,24 +18,27 @@ from torch import Tensor
 def chunked_causal_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], offset_in_chunk: Tensor) -> Tensor:
     """Depthwise causal conv + SiLU whose window never reaches before the current chunk's start.
 
-    x [b, L, c]; weight [c, w] (w in 2..4, weight[:, -1] multiplies the current token, like
-    nn.Conv1d with padding w-1 and `groups=c`, as in Mamba); bias [c] or None;
-    offset_in_chunk long [L] (from :func:`offset_in_chunk`, on x's device). Returns silu(conv)
-    [b, L, c] in x's dtype (accumulated in fp32).
+    x [b, L, *c] (the channels may span several dims, e.g. ``[streams, width]``); weight
+    [*c, w] (w in 2..4, weight[..., -1] multiplies the current token, like nn.Conv1d with
+    padding w-1 and `groups=c`, as in Mamba); bias [*c] or None; offset_in_chunk long [L]
+    (from :func:`offset_in_chunk`, on x's device). Returns silu(conv) [b, L, *c] in x's dtype
+    (accumulated in fp32).
     """
     _check_conv_inputs(x, weight, bias)
-    length, width = x.shape[1], weight.shape[1]
+    length, width = x.shape[1], weight.shape[-1]
     if offset_in_chunk.shape != (length,) or offset_in_chunk.dtype != torch.long:
         raise ValueError(f"chunked_causal_conv: offset_in_chunk must be an int64 tensor of shape ({length},), "
                          f"got {offset_in_chunk.dtype} {tuple(offset_in_chunk.shape)}")
+    offset = offset_in_chunk.view(1, length, *[1] * (x.dim() - 2))
     with torch.autocast(x.device.type, enabled=False):
-        xf, wf = x.float(), weight.float()
-        padded = F.pad(xf, (0, 0, width - 1, 0))  # w-1 zeros in front: padded[:, t + w-1] = x_t
-        out = torch.zeros_like(xf) if bias is None else bias.float().expand_as(xf).clone()
+        wf = weight.float()
+        out = wf.new_zeros(()) if bias is None else bias.float()
         for lag in range(width):
-            # Tap `lag` reads x_{t-lag}, which belongs to the current chunk iff lag <= offset_t.
-            tap = padded[:, width - 1 - lag: width - 1 - lag + length] * wf[:, width - 1 - lag]
-            out = out + tap * (lag <= offset_in_chunk)[None, :, None]
+            # Tap `lag` reads x_{t-lag}, which belongs to the current chunk iff lag <= offset_t. Rolling
+            # (not padding) keeps x itself the only tensor the backward needs: the taps that wrap around
+            # to the end are those with lag > t >= offset_t, all masked.
+            shifted = torch.roll(x, lag, dims=1) if lag else x
+            out = out + torch.where(lag <= offset, shifted.float(), 0.0) * wf[..., width - 1 - lag]
         return F.silu(out).to(x.dtype)
 
 
@@ -69,11 +72,11 @@ def offset_in_chunk(chunk_start: Tensor) -> Tensor:
 
 
 def _check_conv_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
-    if x.dim() != 3:
-        raise ValueError(f"chunked_causal_conv: x must be [b, L, c], got shape {tuple(x.shape)}")
-    channels = x.shape[-1]
-    if weight.dim() != 2 or weight.shape[0] != channels or not 2 <= weight.shape[1] <= 4:
-        raise ValueError(f"chunked_causal_conv: weight must be [c={channels}, w] with w in 2..4 "
+    if x.dim() < 3:
+        raise ValueError(f"chunked_causal_conv: x must be [b, L, *channels], got shape {tuple(x.shape)}")
+    channels = tuple(x.shape[2:])
+    if weight.shape[:-1] != channels or not 2 <= weight.shape[-1] <= 4:
+        raise ValueError(f"chunked_causal_conv: weight must be [*channels={list(channels)}, w] with w in 2..4 "
                          f"(model.ssm.conv), got {tuple(weight.shape)}")
-    if bias is not None and bias.shape != (channels,):
-        raise ValueError(f"chunked_causal_conv: bias must have shape ({channels},), got {tuple(bias.shape)}")
+    if bias is not None and bias.shape != channels:
+        raise ValueError(f"chunked_causal_conv: bias must have shape {channels}, got {tuple(bias.shape)}")
