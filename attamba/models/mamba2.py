@@ -139,9 +139,9 @@ class SSMBlock(nn.Module):
         out = self._output(y.reshape(b, L, self.streams, self.cfg.hidden), z)
         if not return_state:
             return out
-        return out, SSMState(conv=self._conv_window(raw_xbc, plan.chunk_start), ssm=final_state)
+        return out, SSMState(conv=self._conv_window(raw_xbc, plan.offset_in_chunk), ssm=final_state)
 
-    def _conv_window(self, raw_xbc: torch.Tensor, chunk_start: torch.Tensor) -> torch.Tensor | None:
+    def _conv_window(self, raw_xbc: torch.Tensor, offset_in_chunk: torch.Tensor) -> torch.Tensor | None:
         """The last conv-1 inputs of the chunk in progress (zeros where they precede its start)."""
         if self.cfg.conv == 0:
             return None
@@ -149,7 +149,7 @@ class SSMBlock(nn.Module):
         L = raw_xbc.shape[1]
         window = raw_xbc.flatten(-2)[:, max(0, L - width):].transpose(1, 2).float()  # [b, c, <=width]
         positions = torch.arange(max(0, L - width), L, device=raw_xbc.device)
-        current_start = int(chunk_start.nonzero().max())
+        current_start = L - 1 - offset_in_chunk[-1]
         window = window * (positions >= current_start).to(window.dtype)
         return F.pad(window, (width - window.shape[-1], 0)).contiguous()
 
