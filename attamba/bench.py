@@ -342,8 +342,9 @@ def main(argv: list[str] | None = None) -> None:
         results = {}
         for name, (cfg, chunking) in models.items():
             cuda_graph = device.type == "cuda" if args.decode_graph is None else args.decode_graph
-            results[name] = _measure(lambda: bench_decoding(cfg, chunking, args.decode_context, args.decode_batch,
-                                                            args.decode_tokens, device, cuda_graph, args.decode_compile))
+            decode = (args.decode_context, args.decode_batch, args.decode_tokens)
+            results[name] = _measure(lambda: bench_decoding(cfg, chunking, *decode, device, cuda_graph,
+                                                            args.decode_compile))
             _progress("decoding", name, results[name])
         for name, result in results.items():
             decode_rows.append({"model": name, **result,

@@ -318,7 +318,8 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
                            "speed/tokens_per_s": tokens_per_s,
                            "mem/peak_gib": peak_memory_gib(device)}
                 if device_peak:
-                    metrics["speed/mfu"] = flops_per_step * interval_steps / elapsed / (device_peak * dist_info.world_size)
+                    achieved = flops_per_step * interval_steps / elapsed
+                    metrics["speed/mfu"] = achieved / (device_peak * dist_info.world_size)
                 final.update(metrics)
                 if tracker:
                     tracker.log_metrics(metrics, step=step)

@@ -164,7 +164,8 @@ def test_cuda_fast_paths_match_the_cpu_reference_forward_and_backward(strategy, 
     torch.manual_seed(0)
     # head dims 16: FlexAttention's and the fused scan's minimum (tl.dot)
     config = dataclasses.replace(tiny("attamba"), n_heads=2, ssm=SSMConfig(state_dim=16, hidden=32, heads=2, conv=4))
-    reference_cfg = dataclasses.replace(config, attn_impl="reference", ssm=dataclasses.replace(config.ssm, impl="reference"))
+    reference_cfg = dataclasses.replace(config, attn_impl="reference",
+                                        ssm=dataclasses.replace(config.ssm, impl="reference"))
     fast_cfg = dataclasses.replace(config, attn_impl=attn_impl, ssm=dataclasses.replace(config.ssm, impl=ssm_impl))
     chunking = ChunkingConfig(strategy=strategy, size=8, leading_tokens=4)
     reference = build_model(reference_cfg, chunking)

@@ -140,8 +140,9 @@ def _save_for_backward(ctx, inputs: tuple, output: tuple) -> None:
 
 
 def _backward(ctx, grad_out: Tensor, *_unused_grads):
-    q, k, v = ctx.saved_tensors[:3]
-    dq, dk, dv = _chunk_flash_bwd(grad_out, *ctx.saved_tensors, ctx.phases, ctx.lead, ctx.scale)
+    q, k, v, out, lse, seed, offset, keys, slots, fold_index, holds_query = ctx.saved_tensors
+    dq, dk, dv = _chunk_flash_bwd(grad_out, q, k, v, out, lse, seed, offset, keys, slots, fold_index, holds_query,
+                                  ctx.phases, ctx.lead, ctx.scale)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
 
 
