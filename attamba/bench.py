@@ -340,9 +340,9 @@ def main(argv: list[str] | None = None) -> None:
     decode_rows = []
     if args.decode_context:
         results = {}
+        cuda_graph = device.type == "cuda" if args.decode_graph is None else args.decode_graph
+        decode = (args.decode_context, args.decode_batch, args.decode_tokens)
         for name, (cfg, chunking) in models.items():
-            cuda_graph = device.type == "cuda" if args.decode_graph is None else args.decode_graph
-            decode = (args.decode_context, args.decode_batch, args.decode_tokens)
             results[name] = _measure(lambda: bench_decoding(cfg, chunking, *decode, device, cuda_graph,
                                                             args.decode_compile))
             _progress("decoding", name, results[name])
