@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from attamba import accounting, distributed
 from attamba.config import ChunkingConfig, ModelConfig, SSMConfig
 from attamba.inference import Generator
-from attamba.models import build_model
+from attamba.models import NextTokenLoss, build_model
 from attamba.trainer import compile_for_training, peak_flops
 
 
@@ -57,12 +56,11 @@ def _timed(fn: Callable[[], None], device: torch.device, repeats: int, warmup: i
     return (time.perf_counter() - start) / repeats
 
 
-def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor,
+def _train_step(loss_model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor,
                 autocast: torch.autocast) -> torch.Tensor:
-    """One optimizer step on next-token prediction over ``tokens [B, L+1]``; returns the (detached) loss."""
+    """One optimizer step of a :class:`NextTokenLoss` over ``tokens [B, L+1]``; returns the (detached) loss."""
     with autocast:
-        logits = model(tokens[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        loss = loss_model(tokens[:, :-1], tokens[:, 1:])
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -75,7 +73,7 @@ def bench_training(model_cfg: ModelConfig, chunking: ChunkingConfig, context: in
     torch.manual_seed(0)
     model = build_model(model_cfg, chunking).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    step_model = _compiled(model, compile_model)
+    step_model = _compiled(NextTokenLoss(model), compile_model)
     tokens = torch.randint(0, model_cfg.vocab_size, (batch, context + 1), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -166,10 +164,10 @@ def bench_ddp(model_cfg: ModelConfig, chunking: ChunkingConfig, context: int, gl
     torch.manual_seed(0)
     model = build_model(model_cfg, chunking).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
-    step_model: torch.nn.Module = model
+    step_model: torch.nn.Module = NextTokenLoss(model)
     if info.enabled:
         step_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            step_model, device_ids=[device.index] if device.type == "cuda" else None)
     step_model = _compiled(step_model, compile_model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     losses = []

@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from attamba import accounting, checkpoint, distributed
 from attamba.config import Config, flatten, to_dict
-from attamba.models import build_model
+from attamba.models import NextTokenLoss, build_model
 
 StopCheck = Callable[[], bool]
 
@@ -210,10 +209,10 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
             distributed.shutdown()
             return state["final"]
 
-    train_model: torch.nn.Module = model
+    train_model: torch.nn.Module = NextTokenLoss(model)  # compiled with the model: see NextTokenLoss
     if dist_info.enabled:
         train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.train.compile:
         train_model = compile_for_training(train_model, config.train.compile_mode)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
@@ -295,8 +294,7 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
                 inputs, targets = window[:, :-1], window[:, 1:]
                 sync = micro == config.train.grad_accum - 1 or not dist_info.enabled
                 with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast:
-                    logits = train_model(inputs)
-                    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+                    loss = train_model(inputs, targets)
                 (loss / config.train.grad_accum).backward()
                 loss_sum += loss.detach()
             loss_value = distributed.all_reduce_mean(loss_sum / config.train.grad_accum, dist_info)
