@@ -33,16 +33,39 @@ def band_inputs(length: int, heads: int, kv_heads: int, dim: int = 16, batch: in
     torch.manual_seed(seed)
     q = head_major_view(batch, heads, length, dim, dtype)
     k, v = (head_major_view(batch, kv_heads, length, dim, dtype) for _ in range(2))
-    past_out = torch.randn(batch, heads, length, dim, dtype=dtype, device=DEVICE)
-    past_lse = torch.randn(batch, length, heads, device=DEVICE).transpose(1, 2) + 2  # a strided view
-    past_lse[..., : length // 3] = float("-inf")  # the first queries see no past boundary
-    return q, k, v, (past_out, past_lse)
+    return q, k, v, folded_past(length, heads, dim, batch, dtype)
+
+
+def folded_past(length: int, heads: int, dim: int, batch: int, dtype=torch.float32):
+    """A past as the folded causal kernel leaves it: ``rows`` rows in their own order, query t's at ``index[t]``."""
+    rows = length + 5
+    out = torch.randn(batch, heads, rows, dim, dtype=dtype, device=DEVICE)
+    lse = torch.randn(batch, rows, heads, device=DEVICE).transpose(1, 2) + 2  # a strided view
+    index = torch.randperm(rows, device=DEVICE)[:length]
+    index[: length // 3] = rows  # the first queries see no past boundary
+    return out, lse, index
 
 
 def reference_band(q, k, v, lead, scale, past):
     """chunk_flash's PyTorch band (and merge), what runs off CUDA."""
     return chunk_flash._band(q.cpu(), k.cpu(), v.cpu(), lead, scale,
                              None if past is None else tuple(t.cpu() for t in past))
+
+
+def test_the_reference_reads_the_past_of_each_query_from_its_row():
+    q, k, v, (out, lse, index) = band_inputs(BLOCK + 7, 4, 2)
+    scale = 1 / math.sqrt(q.shape[-1])
+    merged_out, merged_lse = reference_band(q, k, v, 3, scale, (out, lse, index))
+    band_out, band_lse = reference_band(q, k, v, 3, scale, None)
+    for t, row in enumerate(index.tolist()):
+        if row >= out.shape[2]:  # no past: the band alone
+            torch.testing.assert_close(merged_out[..., t, :], band_out[..., t, :])
+            continue
+        joint = torch.logaddexp(band_lse[..., t], lse[..., row])
+        torch.testing.assert_close(merged_lse[..., t], joint)
+        expected = (band_out[..., t, :] * (band_lse[..., t] - joint).exp()[..., None]
+                    + out[..., row, :] * (lse[..., row] - joint).exp()[..., None])
+        torch.testing.assert_close(merged_out[..., t, :], expected)
 
 
 SHAPES = [  # (length, heads, kv_heads): lengths around the block, GQA groups of 1, 2 and 4
@@ -66,16 +89,22 @@ def test_band_forward_matches_reference(shape, lead, with_past):
     torch.testing.assert_close(lse.cpu(), expected_lse, atol=2e-6, rtol=2e-5)
 
 
+@pytest.mark.parametrize("with_past", [False, True], ids=["band_only", "past_dq_added"])
 @pytest.mark.parametrize("lead", [0, 1, 8, 13])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_band_backward_matches_reference(shape, lead):
-    """Gradients under a joint softmax whose other part (the past) is random."""
+def test_band_backward_matches_reference(shape, lead, with_past):
+    """Gradients under a joint softmax whose other part (the past) is random, with the past's dq added."""
     q, k, v, past = band_inputs(*shape)
     scale = 1 / math.sqrt(q.shape[-1])
     out, lse = reference_band(q, k, v, lead, scale, past)
     grad_out = torch.randn_like(out)
-    actual = band_backward(grad_out.to(DEVICE), q, k, v, out.to(DEVICE), lse.to(DEVICE), lead, scale)
-    expected = chunk_flash._band_backward(grad_out, q.cpu(), k.cpu(), v.cpu(), out, lse, lead, scale)
+    past_dq = None
+    if with_past:
+        past_out, _, index = past
+        past_dq = (torch.randn_like(past_out), index)
+    actual = band_backward(grad_out.to(DEVICE), q, k, v, out.to(DEVICE), lse.to(DEVICE), lead, scale, past_dq)
+    expected = chunk_flash._band_gradients(grad_out, q.cpu(), k.cpu(), v.cpu(), out, lse, lead, scale,
+                                           None if past_dq is None else tuple(t.cpu() for t in past_dq))
     for name, a, e in zip(("dq", "dk", "dv"), actual, expected):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a.cpu(), e, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
@@ -88,7 +117,7 @@ def test_band_forward_keeps_half_precision_and_its_error():
     out, lse = band_forward(q, k, v, 8, scale, past)
     assert out.dtype == torch.float16 and lse.dtype == torch.float32
     expected_out, expected_lse = reference_band(q.float(), k.float(), v.float(), 8, scale,
-                                                (past[0].float(), past[1]))
+                                                (past[0].float(), *past[1:]))
     torch.testing.assert_close(out.cpu().float(), expected_out, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(lse.cpu(), expected_lse, atol=1e-5, rtol=1e-5)
 
@@ -115,7 +144,7 @@ def test_bf16_band_on_gpu_matches_fp32_reference():
     scale = 1 / 8
     out, lse = torch.compile(band_forward, fullgraph=True)(q, k, v, 8, scale, past)
     expected_out, expected_lse = reference_band(q.float(), k.float(), v.float(), 8, scale,
-                                                (past[0].float(), past[1]))
+                                                (past[0].float(), *past[1:]))
     torch.testing.assert_close(out.float().cpu(), expected_out, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse.cpu(), expected_lse, atol=1e-3, rtol=1e-3)
     grad_out = torch.randn_like(out)

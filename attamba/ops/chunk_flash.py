@@ -41,7 +41,7 @@ class PhaseTable:
     keys: torch.Tensor  # long [n]: the token of each gathered boundary key
     slots: torch.Tensor  # long [phases * n]: the token of each folded query (padding: token 0)
     fold_index: torch.Tensor  # long [L]: each token's folded slot; phases * n if it sees no boundary
-    holds_query: torch.Tensor  # bool [phases * n]: False for the slots that pad short groups
+    padding_slots: torch.Tensor  # long [k]: the slots that pad short groups (they hold token 0)
     phases: int
     lead: int
 
@@ -66,7 +66,8 @@ def phase_table(boundary: torch.Tensor, lead: int, device: torch.device) -> Phas
     fold_index[seeing] = slot
     holds_query = torch.zeros(phases * n, dtype=torch.bool)
     holds_query[slot] = True
-    return PhaseTable(boundaries[:n].to(device), slots.to(device), fold_index.to(device), holds_query.to(device),
+    padding_slots = (~holds_query).nonzero().flatten()
+    return PhaseTable(boundaries[:n].to(device), slots.to(device), fold_index.to(device), padding_slots.to(device),
                       phases, lead)
 
 
@@ -79,7 +80,7 @@ def chunk_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tab
     else:
         dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    return _chunk_flash_fwd(q, k, v, table.keys, table.slots, table.fold_index, table.holds_query, table.phases,
+    return _chunk_flash_fwd(q, k, v, table.keys, table.slots, table.fold_index, table.padding_slots, table.phases,
                             table.lead, 1.0 / math.sqrt(q.shape[-1]))[0]
 
 
@@ -90,12 +91,13 @@ def chunk_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tab
 
 @torch.library.custom_op("attamba::chunk_flash_fwd", mutates_args=())
 def _chunk_flash_fwd(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, slots: Tensor, fold_index: Tensor,
-                     holds_query: Tensor, phases: int, lead: int, scale: float
+                     padding_slots: Tensor, phases: int, lead: int, scale: float
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The output, the joint log-sum-exp, and the causal kernel's RNG state (seed, offset) for its backward."""
-    table = PhaseTable(keys, slots, fold_index, holds_query, phases, lead)
+    table = PhaseTable(keys, slots, fold_index, padding_slots, phases, lead)
     if phases:
-        *past, (seed, offset) = _past_forward(q, k, v, table, scale)
+        past_out, past_lse, (seed, offset) = _past_forward(q, k, v, table, scale)
+        past = (past_out, past_lse, table.fold_index)
     else:
         past, seed, offset = None, _no_state(q), _no_state(q)
     out, lse = _band(q, k, v, lead, scale, past)
@@ -103,25 +105,29 @@ def _chunk_flash_fwd(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, slots: Tenso
 
 
 @_chunk_flash_fwd.register_fake
-def _chunk_flash_fwd_fake(q, k, v, keys, slots, fold_index, holds_query, phases, lead, scale):
+def _chunk_flash_fwd_fake(q, k, v, keys, slots, fold_index, padding_slots, phases, lead, scale):
     return (q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32), _no_state(q), _no_state(q))
 
 
 @torch.library.custom_op("attamba::chunk_flash_bwd", mutates_args=())
 def _chunk_flash_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, seed: Tensor,
-                     offset: Tensor, keys: Tensor, slots: Tensor, fold_index: Tensor, holds_query: Tensor,
+                     offset: Tensor, keys: Tensor, slots: Tensor, fold_index: Tensor, padding_slots: Tensor,
                      phases: int, lead: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) in fp32 (or wider): the cast to the inputs' dtypes is left to the compiled graph to fuse."""
-    table = PhaseTable(keys, slots, fold_index, holds_query, phases, lead)
+    table = PhaseTable(keys, slots, fold_index, padding_slots, phases, lead)
     grad_out = grad_out.contiguous()
-    dq, dk, dv = _band_gradients(grad_out, q, k, v, out, lse, lead, scale)
-    if phases:
-        _add_past_gradients(dq, dk, dv, grad_out, q, k, v, out, lse, table, scale, (seed, offset))
+    if not phases:
+        dq, dk, dv = _band_gradients(grad_out, q, k, v, out, lse, lead, scale)
+    else:  # the past part first: the band's kernel adds its dq as it writes its own
+        past_dq, dkeys, dvalues = _past_gradients(grad_out, q, k, v, out, lse, table, scale, (seed, offset))
+        dq, dk, dv = _band_gradients(grad_out, q, k, v, out, lse, lead, scale, (past_dq, table.fold_index))
+        dk.index_add_(2, table.keys, dkeys.to(dk.dtype))
+        dv.index_add_(2, table.keys, dvalues.to(dv.dtype))
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @_chunk_flash_bwd.register_fake
-def _chunk_flash_bwd_fake(grad_out, q, k, v, out, lse, seed, offset, keys, slots, fold_index, holds_query,
+def _chunk_flash_bwd_fake(grad_out, q, k, v, out, lse, seed, offset, keys, slots, fold_index, padding_slots,
                           phases, lead, scale):
     wide = torch.promote_types(q.dtype, torch.float32)
     return q.new_empty(q.shape, dtype=wide), k.new_empty(k.shape, dtype=wide), v.new_empty(v.shape, dtype=wide)
@@ -133,15 +139,15 @@ def _no_state(q: Tensor) -> Tensor:
 
 
 def _save_for_backward(ctx, inputs: tuple, output: tuple) -> None:
-    q, k, v, keys, slots, fold_index, holds_query, phases, lead, scale = inputs
+    q, k, v, keys, slots, fold_index, padding_slots, phases, lead, scale = inputs
     out, lse, seed, offset = output
-    ctx.save_for_backward(q, k, v, out, lse, seed, offset, keys, slots, fold_index, holds_query)
+    ctx.save_for_backward(q, k, v, out, lse, seed, offset, keys, slots, fold_index, padding_slots)
     ctx.phases, ctx.lead, ctx.scale = phases, lead, scale
 
 
 def _backward(ctx, grad_out: Tensor, *_unused_grads):
-    q, k, v, out, lse, seed, offset, keys, slots, fold_index, holds_query = ctx.saved_tensors
-    dq, dk, dv = _chunk_flash_bwd(grad_out, q, k, v, out, lse, seed, offset, keys, slots, fold_index, holds_query,
+    q, k, v, out, lse, seed, offset, keys, slots, fold_index, padding_slots = ctx.saved_tensors
+    dq, dk, dv = _chunk_flash_bwd(grad_out, q, k, v, out, lse, seed, offset, keys, slots, fold_index, padding_slots,
                                   ctx.phases, ctx.lead, ctx.scale)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
 
@@ -163,25 +169,43 @@ def _fused_band(q: torch.Tensor) -> bool:
 
 
 def _band(q, k, v, lead: int, scale: float, past=None):
-    """The band's output and log-sum-exp, merged with the past boundaries' ``past = (out, lse)`` if given."""
+    """The band's output and log-sum-exp, merged with the past boundaries' if given.
+
+    ``past = (out [b, h, S, d], lse [b, h, S], index [L])``: query t's past is row ``index[t]``
+    (none where ``index[t] >= S``), as the folded causal kernel leaves it.
+    """
     if _fused_band(q):
         from attamba.ops import band_triton
         return band_triton.band_forward(q, k, v, lead, scale, past)
     out, lse = _band_forward(q, k, v, lead, scale)
     if past is None:
         return out, lse
-    past_out, past_lse = past
+    folded_out, folded_lse, index = past
+    past_out = _rows_of(folded_out, index, 0.0)
+    past_lse = _rows_of(folded_lse.unsqueeze(-1), index, float("-inf")).squeeze(-1)
     joint = torch.logaddexp(lse, past_lse)
     return (out * (lse - joint).exp().unsqueeze(-1) + _wide(past_out) * (past_lse - joint).exp().unsqueeze(-1),
             joint)
 
 
-def _band_gradients(grad_out, q, k, v, out, lse, lead: int, scale: float):
-    """The band's fp32 (dq, dk, dv) under the joint softmax of ``out`` and ``lse``."""
+def _band_gradients(grad_out, q, k, v, out, lse, lead: int, scale: float, past_dq=None):
+    """The band's fp32 (dq, dk, dv) under the joint softmax of ``out`` and ``lse``.
+
+    ``past_dq = (dq [b, h, S, d], index [L])`` adds the past part's dq, read as :func:`_band` reads its past.
+    """
     if _fused_band(q):
         from attamba.ops import band_triton
-        return band_triton.band_backward(grad_out, q, k, v, out, lse, lead, scale)
-    return _band_backward(grad_out, q, k, v, out, lse, lead, scale)
+        return band_triton.band_backward(grad_out, q, k, v, out, lse, lead, scale, past_dq)
+    dq, dk, dv = _band_backward(grad_out, q, k, v, out, lse, lead, scale)
+    if past_dq is not None:
+        dq = dq + _rows_of(*past_dq, 0.0)
+    return dq, dk, dv
+
+
+def _rows_of(x: torch.Tensor, index: torch.Tensor, fill: float) -> torch.Tensor:
+    """``[b, h, S, ...]`` -> ``[b, h, L, ...]``: row ``index[t]`` for each t, ``fill`` where ``index[t] >= S``."""
+    padding = x.new_full((*x.shape[:2], 1, *x.shape[3:]), fill)
+    return torch.cat([x, padding], dim=2).index_select(2, index.clamp(max=x.shape[2]))
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -265,35 +289,30 @@ def _fold(x: torch.Tensor, table: PhaseTable) -> torch.Tensor:
     return x.index_select(2, table.slots).view(b, h * table.phases, -1, d)
 
 
-def _unfold(x: torch.Tensor, table: PhaseTable, fill: float) -> torch.Tensor:
-    """Folded ``[b, h * phases, n, ...]`` -> ``[b, h, L, ...]``; ``fill`` for tokens that see no boundary."""
-    b, hp, n = x.shape[:3]
-    flat = x.reshape(b, hp // table.phases, table.phases * n, *x.shape[3:])
-    padding = flat.new_full((*flat.shape[:2], 1, *flat.shape[3:]), fill)
-    return torch.cat([flat, padding], dim=2).index_select(2, table.fold_index)
+def _heads_unfolded(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Folded ``[b, h * phases, n, ...]`` -> ``[b, h, phases * n, ...]``: each head's slots, in slot order."""
+    return x.reshape(x.shape[0], heads, -1, *x.shape[3:])
 
 
 def _past_forward(q, k, v, table: PhaseTable, scale: float):
+    """The past boundaries' output ``[b, h, phases * n, d]`` and log-sum-exp by folded slot, and the kernel state."""
     keys, values = k.index_select(2, table.keys), v.index_select(2, table.keys)
     out, lse, kernel_state = _causal_forward(_fold(q, table), keys, values, scale)
-    return (_unfold(out, table, 0.0), _unfold(lse.unsqueeze(-1), table, float("-inf")).squeeze(-1),
-            kernel_state)
+    heads = q.shape[1]
+    return _heads_unfolded(out, heads), _heads_unfolded(lse, heads), kernel_state
 
 
-def _add_past_gradients(dq, dk, dv, grad_out, q, k, v, out, lse, table: PhaseTable, scale: float,
-                        kernel_state) -> None:
-    """Adds the past boundaries' part to the band's gradients ``dq, dk, dv`` (in place)."""
+def _past_gradients(grad_out, q, k, v, out, lse, table: PhaseTable, scale: float, kernel_state):
+    """The past boundaries' part of the gradients: dq by folded slot ``[b, h, phases * n, d]``, and
+    the gathered keys' and values' ``[b, h_kv, n, d]``."""
     keys, values = k.index_select(2, table.keys), v.index_select(2, table.keys)
+    grad_folded = _fold(grad_out, table)
     # Padding slots get a zero gradient, so they add nothing (their log-sum-exp, token 0's, is finite).
-    padding = ~table.holds_query.view(table.phases, -1, 1)
-    grad_folded = _fold(grad_out, table).unflatten(1, (-1, table.phases)).masked_fill(padding, 0).flatten(1, 2)
+    _heads_unfolded(grad_folded, q.shape[1]).index_fill_(2, table.padding_slots, 0)
     folded_lse = _fold(lse.unsqueeze(-1), table).squeeze(-1)
     folded_dq, dkeys, dvalues = _causal_backward(grad_folded, _fold(q, table), keys, values,
                                                  _fold(out, table), folded_lse, scale, kernel_state)
-    b, h, _, d = q.shape
-    dq.index_add_(2, table.slots, folded_dq.reshape(b, h, -1, d).to(dq.dtype))
-    dk.index_add_(2, table.keys, dkeys.to(dk.dtype))
-    dv.index_add_(2, table.keys, dvalues.to(dv.dtype))
+    return _heads_unfolded(folded_dq, q.shape[1]), dkeys, dvalues
 
 
 def _flash_eligible(q: torch.Tensor) -> bool:
@@ -328,7 +347,7 @@ def _causal_backward(grad_out, q, k, v, out, lse, scale: float, kernel_state):
             grad_out.to(q.dtype), q, _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1]),
             out.to(q.dtype).contiguous(), lse.unsqueeze(-1).contiguous(), seed, offset, None, None, None, n, n,
             0.0, True, scale=scale)
-        return dq, _sum_groups(_wide(dk), k.shape[1]), _sum_groups(_wide(dv), k.shape[1])
+        return dq, _sum_groups(dk, k.shape[1]), _sum_groups(dv, k.shape[1])
     grad_out, out = _wide(grad_out), _wide(out)
     p = (_causal_scores(q, k, scale) - lse.unsqueeze(-1)).exp()
     dp = grad_out @ _grouped_kv(v, q).transpose(-1, -2)
@@ -360,7 +379,6 @@ def _grouped_kv(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def _sum_groups(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``[b, h, n, d]`` -> ``[b, h_kv, n, d]`` in at least fp32: each key/value head's query heads summed."""
     b, h, n, d = x.shape
-    if h == kv_heads:
-        return x
-    return x.view(b, kv_heads, h // kv_heads, n, d).sum(2)
+    return x.view(b, kv_heads, h // kv_heads, n, d).sum(2, dtype=torch.promote_types(x.dtype, torch.float32))
