@@ -324,11 +324,11 @@ def _causal_forward(q, k, v, scale: float):
 
     On CUDA in half precision this is cuDNN's flash kernel, the one PyTorch's SDPA itself
     prefers on Hopper (faster there than ``_scaled_dot_product_flash_attention``: see the
-    README), given key/value heads repeated to q's. Returns the output, the log-sum-exp,
-    and the kernel's RNG (seed, offset), which its backward wants back.
+    README). It takes fewer key/value heads than query heads as they are (grouped-query
+    attention), so the phases' shared keys are never copied per phase. Returns the output,
+    the log-sum-exp, and the kernel's RNG (seed, offset), which its backward wants back.
     """
     if _flash_eligible(q):
-        k, v = _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1])
         out, lse, _, _, _, _, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, True, 0.0, True, False, scale=scale)
         return out, lse.squeeze(-1), (seed, offset)
@@ -344,7 +344,7 @@ def _causal_backward(grad_out, q, k, v, out, lse, scale: float, kernel_state):
         n = q.shape[2]
         seed, offset = kernel_state
         dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            grad_out.to(q.dtype), q, _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1]),
+            grad_out.to(q.dtype), q, k, v,
             out.to(q.dtype).contiguous(), lse.unsqueeze(-1).contiguous(), seed, offset, None, None, None, n, n,
             0.0, True, scale=scale)
         return dq, _sum_groups(dk, k.shape[1]), _sum_groups(dv, k.shape[1])
@@ -364,18 +364,12 @@ def _causal_scores(q, k, scale: float) -> torch.Tensor:
     return scores.masked_fill(future, float("-inf"))
 
 
-def _repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """Key/value heads ``[b, h_kv, n, d]`` repeated to ``heads``: query head j reads head j // (heads / h_kv).
-
-    One expand and one copy: the op runs eagerly (inside a custom op), where nothing may wait on the GPU.
-    """
-    b, kv_heads, n, d = x.shape
-    return x.unsqueeze(2).expand(b, kv_heads, heads // kv_heads, n, d).reshape(b, heads, n, d)
-
-
 def _grouped_kv(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Key/value heads repeated to match ``q``'s heads, in fp32."""
-    return _repeat_heads(_wide(x), q.shape[1])
+    """Key/value heads ``[b, h_kv, n, d]`` repeated to ``q``'s heads, in fp32: query head j reads head
+    j // (h / h_kv), as cuDNN's grouped-query attention does."""
+    b, kv_heads, n, d = x.shape
+    heads = q.shape[1]
+    return _wide(x).unsqueeze(2).expand(b, kv_heads, heads // kv_heads, n, d).reshape(b, heads, n, d)
 
 
 def _sum_groups(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
