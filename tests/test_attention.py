@@ -281,6 +281,20 @@ def test_chunk_flex_matches_reference_on_cpu(length, boundary, lead, kv_heads):
 
 
 @eager_flex
+def test_flex_gathers_only_the_boundaries_some_query_sees_past_its_band():
+    """130 boundaries, of which the last two lie within every later query's band: 128 gathered, one block."""
+    length, lead = 1024, 8
+    boundary = uniform_layout(length, 8, shift=3)
+    mask = chunk_mask(boundary, lead, "cpu", impl="flex")
+    seen = [s for s in boundary.nonzero().flatten().tolist() if s < length - 1 - lead]
+    assert boundary.sum() == 130 and len(seen) == 128
+    assert mask.key_index[:-length].tolist() == seen
+    q, k, v = (t.detach() for t in random_qkv(length, kv_heads=2, dtype=torch.float32))
+    torch.testing.assert_close(attend_chunks(q, k, v, mask),
+                               chunk_attention(q, k, v, boundary, lead, impl="reference"))
+
+
+@eager_flex
 def test_window_flex_matches_reference_on_cpu():
     q, k, v = (t.detach() for t in random_qkv(200, kv_heads=2, dtype=torch.float32))
     expected = causal_attention(q, k, v, window=37, impl="reference")

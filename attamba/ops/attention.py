@@ -279,14 +279,17 @@ def _build_chunk_mask(contents: bytes, leading_tokens: int, device: torch.device
     length = boundary.shape[0]
     positions = torch.arange(length)
     boundaries = boundary.nonzero().flatten()
+    # Boundaries are sorted, so the gathered keys query t sees (those before
+    # t - lead) are a prefix of them: its length is all the mask needs. Those in
+    # the last lead + 1 tokens are in every later query's band, so none is gathered.
+    n_visible = torch.searchsorted(boundaries, positions - leading_tokens)
+    boundaries = boundaries[: int(n_visible.max()) if length else 0]
     n_gathered = -(-boundaries.numel() // _FLEX_BLOCK) * _FLEX_BLOCK
     # Padding keys copy token 0 and lie past every query's visible prefix, so
     # they are never seen (and get no gradient).
     padding = boundaries.new_zeros(n_gathered - boundaries.numel())
     key_index = torch.cat([boundaries, padding, positions]).to(device)
-    # Boundaries are sorted, so the gathered keys query t sees (those before
-    # t - lead) are a prefix of them: its length is all the mask needs.
-    n_visible = torch.searchsorted(boundaries, positions - leading_tokens).to(device, torch.int32)
+    n_visible = n_visible.to(device, torch.int32)
 
     # Index arithmetic instead of loading each key's position: the forward
     # kernel runs 4-7x faster (H200, L = 16K and 64K).
