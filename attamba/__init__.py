@@ -5,9 +5,10 @@ The public API for notebooks and scripts::
     import attamba
     config = attamba.load_config(["model=attamba", "chunking.size=16"])
     model = attamba.build_model(config)
+    loss_of = torch.compile(attamba.NextTokenLoss(model))  # the trainer's objective, compiled with the model
     gen = attamba.Generator(model)
 
-``build_model`` and ``Generator`` are imported on first use, so tools that only
+``build_model``, ``NextTokenLoss`` and ``Generator`` are imported on first use, so tools that only
 need configs or tracking (sweep launchers, MLflow readers) don't pay for torch.
 """
 
@@ -20,7 +21,7 @@ from attamba.config import Config
 
 if TYPE_CHECKING:
     from attamba.inference import Generator
-    from attamba.models import build_model
+    from attamba.models import NextTokenLoss, build_model
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -41,10 +42,13 @@ def __getattr__(name: str) -> Any:
     if name == "build_model":
         from attamba.models import build_model
         return build_model
+    if name == "NextTokenLoss":
+        from attamba.models import NextTokenLoss
+        return NextTokenLoss
     if name == "Generator":
         from attamba.inference import Generator
         return Generator
     raise AttributeError(f"module 'attamba' has no attribute {name!r}")
 
 
-__all__ = ["Config", "Generator", "build_model", "load_config"]
+__all__ = ["Config", "Generator", "NextTokenLoss", "build_model", "load_config"]
