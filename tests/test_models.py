@@ -103,8 +103,11 @@ def test_public_api_composes_conf_and_builds():
     config = attamba.load_config(["model.dim=64", "model.n_layers=2", "model.vocab_size=50",
                                   "chunking=uniform", "chunking.size=4", "model.ssm.hidden=64"])
     assert isinstance(config, Config) and config.chunking.strategy == "uniform"
-    model = build_model(config)
-    assert model(torch.randint(0, 50, (1, 9))).shape == (1, 9, 50)
+    model = attamba.build_model(config)
+    tokens = torch.randint(0, 50, (1, 9))
+    assert model(tokens).shape == (1, 9, 50)
+    loss = attamba.NextTokenLoss(model)(tokens[:, :-1], tokens[:, 1:])
+    assert loss.shape == () and loss.requires_grad
     for family in ("transformer", "mamba2"):
         assert attamba.load_config([f"model={family}"]).model.family == family
 
