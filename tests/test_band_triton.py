@@ -41,7 +41,7 @@ def folded_past(length: int, heads: int, dim: int, batch: int, dtype=torch.float
     rows = length + 5
     out = torch.randn(batch, heads, rows, dim, dtype=dtype, device=DEVICE)
     lse = torch.randn(batch, rows, heads, device=DEVICE).transpose(1, 2) + 2  # a strided view
-    index = torch.randperm(rows, device=DEVICE)[:length]
+    index = torch.randperm(rows, device=DEVICE).repeat_interleave(2)[: 2 * length : 2]  # a strided view
     index[: length // 3] = rows  # the first queries see no past boundary
     return out, lse, index
 

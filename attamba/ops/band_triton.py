@@ -189,7 +189,7 @@ def _band_fwd(q: Tensor, k: Tensor, v: Tensor, past_out: Optional[Tensor], past_
     q, k, v = _unit_rows(q, k, v)
     has_past = past_out is not None
     if has_past:
-        past_out, past_lse = _unit_rows(past_out, past_lse)
+        past_out, past_lse, past_index = _unit_rows(past_out, past_lse, past_index)
     else:
         past_out, past_lse, past_index = _no_past(q)
     out = q.new_empty(q.shape)
@@ -216,7 +216,7 @@ def _band_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     grad_out, q, k, v, out, lse = _unit_rows(grad_out, q, k, v, out, lse)
     has_past = past_dq is not None
     if has_past:
-        past_dq, = _unit_rows(past_dq)
+        past_dq, past_index = _unit_rows(past_dq, past_index)
     else:
         past_dq, _, past_index = _no_past(q)
     dq = q.new_empty(q.shape, dtype=torch.float32)

@@ -17,7 +17,8 @@ the short groups.
 
 The band is ``lead + 1`` dot products per query: a fused Triton kernel on CUDA
 (:mod:`attamba.ops.band_triton`), plain PyTorch elsewhere. The two parts are
-merged through their log-sum-exps (inside the kernel on CUDA). Their backward
+merged through their log-sum-exps (inside the kernel on CUDA, which reads the
+past part by folded slot, where the causal kernel left it). Their backward
 passes run on the *merged* output and log-sum-exp, which makes each part's gradient
 that of the one joint softmax (as ring attention does), so the kernel's own
 backward serves unchanged.
