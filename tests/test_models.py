@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import attamba
-from attamba import Generator, build_model
+from attamba import Generator, NextTokenLoss, build_model
 from attamba.config import ChunkingConfig, Config, ModelConfig, SSMConfig
-from attamba.models import NextTokenLoss
 
 STRATEGIES = ["uniform", "cyclic", "random", "pseudo"]
 

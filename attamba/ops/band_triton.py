@@ -27,7 +27,7 @@ The query kernel also adds the past part's dq, read folded through ``past_index`
 the forward's past.
 
 Every output element is written by one program: no atomics, deterministic. Arithmetic is
-fp32; gradients come back in fp32, for the caller to add the past part's before casting.
+fp32; gradients come back in fp32, for the caller to add the past part's dk and dv before casting.
 """
 
 from __future__ import annotations
