@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -70,5 +71,14 @@ def gather_objects(obj, info: DistInfo) -> list:
 
 
 def shutdown() -> None:
+    """Destroy the process group. Release every DDP wrapper first.
+
+    A DDP reducer keeps its own reference to the group. If the reducer is freed after this,
+    it drops the group's last reference with the GIL held. A gloo group's destructor then
+    joins its worker threads, and a worker finishing a barrier needs the GIL: both ranks hang.
+    Seen once in CI. Collected here, while the group is still registered, the reducer's
+    reference is never the last.
+    """
     if dist.is_initialized():
+        gc.collect()  # DDP wrappers left in reference cycles
         dist.destroy_process_group()

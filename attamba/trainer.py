@@ -343,4 +343,5 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
             tracker.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED", reason=reason)
         raise
     finally:
+        train_model = None  # the DDP wrapper goes before its process group (see distributed.shutdown)
         distributed.shutdown()
