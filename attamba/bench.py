@@ -58,13 +58,17 @@ def _timed(fn: Callable[[], None], device: torch.device, repeats: int, warmup: i
 
 def _train_step(loss_model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor,
                 autocast: torch.autocast) -> torch.Tensor:
-    """One optimizer step of a :class:`NextTokenLoss` over ``tokens [B, L+1]``; returns the (detached) loss."""
+    """One optimizer step of a :class:`NextTokenLoss` over ``tokens [B, L+1]``; returns the loss, detached.
+
+    The loss is cloned: under CUDA graphs (``reduce-overhead``) it lives in the graph's output buffer,
+    which the next step overwrites.
+    """
     with autocast:
         loss = loss_model(tokens[:, :-1], tokens[:, 1:])
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    return loss.detach().clone()
 
 
 def bench_training(model_cfg: ModelConfig, chunking: ChunkingConfig, context: int, batch: int, steps: int,

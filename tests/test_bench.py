@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attamba.bench import learnable_tokens, main
+from attamba.bench import _train_step, learnable_tokens, main
 
 TINY = ["--device", "cpu", "--vocab", "256", "--steps", "1", "--warmup", "0"]
 
@@ -47,6 +47,28 @@ def test_learnable_tokens_are_deterministic_per_step():
     assert torch.equal(first, learnable_tokens(4, 32, 100, step=3))
     assert not torch.equal(first, learnable_tokens(4, 32, 100, step=4))
     assert first.min() >= 0 and first.max() < 100
+
+
+class _LossInOneBuffer(torch.nn.Module):
+    """Returns every step's loss in the same tensor, as a CUDA graph returns its outputs in one buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.loss = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.loss.copy_(inputs.float().mean())
+        return self.loss
+
+
+def test_a_step_loss_outlives_the_next_step_that_reuses_its_buffer():
+    """``--ddp --compile reduce-overhead`` read every loss after the run, overwritten by the next replay."""
+    model = _LossInOneBuffer()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    no_autocast = torch.autocast("cpu", enabled=False)
+    losses = [_train_step(model, optimizer, torch.full((1, 3), value), no_autocast) for value in (1, 2)]
+    assert [loss.item() for loss in losses] == [1.0, 2.0]
 
 
 def _ddp_losses(tmp_path: Path, processes: int) -> list[float]:
