@@ -74,11 +74,11 @@ def test_recompute_keeps_only_the_block_input():
         plan = mixer.plan(64, u.device).scan
         blocks[name] = saved_bytes(lambda: mixer.kv_ssm(u, plan))
     assert blocks["on"] == u.nbytes  # the input, and nothing the block computes from it
-    assert blocks["off"] > 20 * u.nbytes  # projections, conv, scan and norm of two streams
+    assert blocks["off"] > 10 * u.nbytes  # the scan's inputs and internals of two streams
 
     whole = {name: saved_bytes(lambda: model(tokens)) for name, model in (("off", plain), ("on", recomputed))}
-    # tiny: ~9.3 KB per token per layer off, ~6.8 KB on (the FFN, attention and logits are still kept)
-    assert whole["on"] <= 0.75 * whole["off"]
+    # tiny: ~8.4 KB per token per layer off, ~6.8 KB on (the FFN, attention and logits are still kept)
+    assert whole["on"] <= 0.85 * whole["off"]
     assert whole["off"] - whole["on"] >= 3 * (blocks["off"] - blocks["on"]) * 0.9  # what each layer's block held
 
 
@@ -127,8 +127,8 @@ def test_compiled_recompute_matches_eager():
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # raised inside torch.compile
-def test_compiled_block_reruns_its_conv_and_gated_norm_in_the_backward(monkeypatch):
-    """Always on (mamba_ssm's checkpoint_lvl=1): the conv's and the gated norm's outputs are not kept.
+def test_compiled_block_reruns_its_projection_conv_and_gated_norm_in_the_backward(monkeypatch):
+    """Always on (mamba_ssm's checkpoint_lvl=1, and the input projection too): none of their outputs is kept.
 
     Compared with the same block compiled keeping them; the gradients are the same.
     """
@@ -146,9 +146,10 @@ def test_compiled_block_reruns_its_conv_and_gated_norm_in_the_backward(monkeypat
                 compiled(u, plan).float().square().sum(), [u, *block.parameters()])}))
     for got, want in zip(grads[True], grads[False], strict=True):
         torch.testing.assert_close(got, want)
-    conv_and_norm_outputs = 2 * (block.conv_width + block.cfg.hidden) * block.streams  # bf16 bytes per token
-    # Kept less per token: 250 of these 320 bytes here; 2.0 of 2.3 KB at the paper's sizes (CPU's scan).
-    assert kept[False] - kept[True] >= 0.6 * conv_and_norm_outputs * u.shape[0] * u.shape[1]
+    projection_output = 2 * block.proj_width * block.streams  # bf16 bytes per token
+    # Kept less per token: 368 bytes here, more than the projection's output (336; rerunning only the
+    # conv and the norm saved 250); 2.4 KB per layer at the paper's sizes (counted on CPU, compiled model).
+    assert kept[False] - kept[True] >= projection_output * u.shape[0] * u.shape[1]
 
 
 def test_recompute_is_a_config_switch():

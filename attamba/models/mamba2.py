@@ -89,15 +89,30 @@ class SSMBlock(nn.Module):
         nn.init.ones_(self.D)
         nn.init.ones_(self.norm_weight)
 
-    def _project(self, u: torch.Tensor) -> torch.Tensor:
-        """[..., d_in] or [..., streams, d_in] -> [..., streams, proj_width]"""
+    def _project(self, u: torch.Tensor, rows: slice) -> torch.Tensor:
+        """[..., d_in] or [..., streams, d_in] -> [..., streams, width]: in_proj's ``rows`` of every stream."""
+        weight = self.in_proj[:, rows]
         if self.per_stream_input:
-            return torch.einsum("...si,spi->...sp", u, self.in_proj)
-        return F.linear(u, self.in_proj.flatten(0, 1)).unflatten(-1, (self.streams, self.proj_width))
+            return torch.einsum("...si,spi->...sp", u, weight)
+        return F.linear(u, weight.flatten(0, 1)).unflatten(-1, (self.streams, weight.shape[1]))
 
-    def _split(self, zxbcdt: torch.Tensor):
-        z, xbc, dt = zxbcdt.split([self.cfg.hidden, self.conv_width, self.cfg.heads], dim=-1)
-        return z, xbc, dt
+    def _gate(self, u: torch.Tensor) -> torch.Tensor:
+        """z: [..., streams, hidden]"""
+        return self._project(u, slice(0, self.cfg.hidden))
+
+    def _conv_and_dt_inputs(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[x, B, C] before the conv, [..., streams, conv_width], and dt, [..., streams, heads]."""
+        xbcdt = self._project(u, slice(self.cfg.hidden, None))
+        return xbcdt.split([self.conv_width, self.cfg.heads], dim=-1)
+
+    def _conv_and_dt(self, u: torch.Tensor, offset_in_chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[x, B, C] after the chunked conv, and dt (a copy: a view would keep the projection alive)."""
+        xbc, dt = self._conv_and_dt_inputs(u)
+        if self.cfg.conv > 0:
+            per_stream = (self.streams, self.conv_width)
+            xbc = chunked_causal_conv(xbc, self.conv_weight.unflatten(0, per_stream),
+                                      self.conv_bias.unflatten(0, per_stream), offset_in_chunk)
+        return xbc, dt.contiguous()
 
     def _scan_inputs(self, xbc: torch.Tensor, dt: torch.Tensor):
         """Reshape per-stream [x, B, C] and dt into the scan's head/group layout."""
@@ -108,11 +123,15 @@ class SSMBlock(nn.Module):
         A = -torch.exp(self.A_log.float())
         return x, dt, A, B, C
 
-    def _output(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Gated RMSNorm per stream, then out_proj: y [..., S, hidden], z [..., S, hidden] -> [..., S, d_out]"""
-        return torch.einsum("...sh,soh->...so", _rerun_in_backward(self._gated_norm, y, z), self.out_proj)
+    def _output(self, normed: torch.Tensor) -> torch.Tensor:
+        """out_proj per stream: [..., S, hidden] -> [..., S, d_out]"""
+        return torch.einsum("...sh,soh->...so", normed, self.out_proj)
+
+    def _gated_norm_of_input(self, y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return self._gated_norm(y, self._gate(u))
 
     def _gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """RMSNorm(y * silu(z)) per stream: [..., S, hidden]"""
         gated = y.float() * F.silu(z.float())
         gated = gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + self.norm_eps)
         return (gated * self.norm_weight.float()).type_as(z)
@@ -128,29 +147,28 @@ class SSMBlock(nn.Module):
         return self._forward(u, plan, return_state)
 
     def _forward(self, u: torch.Tensor, plan: ScanPlan, return_state: bool = False):
+        # The input projection, the conv and the gated norm rerun in the backward from u (which the
+        # caller keeps anyway) and the scan's output: only the scan's own inputs and y are kept.
         b, L = u.shape[:2]
-        z, xbc, dt = self._split(self._project(u))
-        raw_xbc = xbc
-        if self.cfg.conv > 0:
-            per_stream = (self.streams, self.conv_width)
-            xbc = _rerun_in_backward(chunked_causal_conv, xbc, self.conv_weight.unflatten(0, per_stream),
-                                     self.conv_bias.unflatten(0, per_stream), plan.offset_in_chunk)
+        xbc, dt = _rerun_in_backward(self._conv_and_dt, u, plan.offset_in_chunk)
         x, dt, A, B, C = self._scan_inputs(xbc, dt)
         scanned = scan(x, dt, A, B, C, plan, D=self.D.float(), return_final_state=return_state)
         y, final_state = scanned if return_state else (scanned, None)
-        out = self._output(y.reshape(b, L, self.streams, self.cfg.hidden), z)
+        y = y.reshape(b, L, self.streams, self.cfg.hidden)
+        out = self._output(_rerun_in_backward(self._gated_norm_of_input, y, u))
         if not return_state:
             return out
-        return out, SSMState(conv=self._conv_window(raw_xbc, plan.offset_in_chunk), ssm=final_state)
+        return out, SSMState(conv=self._conv_window(u, plan.offset_in_chunk), ssm=final_state)
 
-    def _conv_window(self, raw_xbc: torch.Tensor, offset_in_chunk: torch.Tensor) -> torch.Tensor | None:
+    def _conv_window(self, u: torch.Tensor, offset_in_chunk: torch.Tensor) -> torch.Tensor | None:
         """The last conv-1 inputs of the chunk in progress (zeros where they precede its start)."""
         if self.cfg.conv == 0:
             return None
         width = self.cfg.conv - 1
-        L = raw_xbc.shape[1]
-        window = raw_xbc.flatten(-2)[:, max(0, L - width):].transpose(1, 2).float()  # [b, c, <=width]
-        positions = torch.arange(max(0, L - width), L, device=raw_xbc.device)
+        L = u.shape[1]
+        raw_xbc, _ = self._conv_and_dt_inputs(u[:, max(0, L - width):])
+        window = raw_xbc.flatten(-2).transpose(1, 2).float()  # [b, c, <=width]
+        positions = torch.arange(max(0, L - width), L, device=u.device)
         current_start = L - 1 - offset_in_chunk[-1]
         window = window * (positions >= current_start).to(window.dtype)
         return F.pad(window, (width - window.shape[-1], 0)).contiguous()
@@ -162,7 +180,7 @@ class SSMBlock(nn.Module):
         token by a multiply, not a branch, so the step stays one fixed graph.
         """
         b = u.shape[0]
-        z, xbc, dt = self._split(self._project(u))
+        z, xbc, dt = self._project(u, slice(None)).split([self.cfg.hidden, self.conv_width, self.cfg.heads], dim=-1)
         if self.cfg.conv > 0:
             flat, conv = conv_step(state.conv, xbc.flatten(-2).float(), self.conv_weight.float(),
                                    self.conv_bias.float())
@@ -173,15 +191,15 @@ class SSMBlock(nn.Module):
         if self.cfg.conv > 0:
             state.conv.copy_(conv * keep)
         state.ssm.copy_(ssm * keep)
-        return self._output(y.type_as(z).reshape(b, self.streams, self.cfg.hidden), z)
+        return self._output(self._gated_norm(y.type_as(z).reshape(b, self.streams, self.cfg.hidden), z))
 
 
 def _rerun_in_backward(fn, *args):
     """``fn(*args)``, whose backward keeps only ``args`` and runs ``fn`` again (mamba_ssm's checkpoint_lvl=1).
 
-    For the conv and the gated norm: elementwise passes over tensors that are kept anyway (the input
-    projection's output and the scan's), so a compiled backward reruns each as one fused pass, and
-    keeps 2.0 KB per token per layer less at the paper's sizes (counted on CPU).
+    For the input projection with the conv, and for the gate's projection with the gated norm:
+    they rerun from tensors that are kept anyway (the block's input and the scan's output), one
+    matmul and one fused pass each, so the backward keeps none of their outputs.
     """
     if not torch.is_grad_enabled():
         return fn(*args)
