@@ -130,12 +130,17 @@ def test_bad_input_stops_before_training_and_changes_nothing_tracked(tmp_path, o
 
 
 def test_two_process_ddp_run_tracks_once_from_rank_zero(tmp_path):
-    """torchrun with 2 CPU processes (gloo): both train, rank 0 alone creates and finishes the MLflow run."""
+    """torchrun with 2 CPU processes (gloo): both train, rank 0 alone creates and finishes the MLflow run.
+
+    The training script is run through a probe that also fails if a DDP wrapper is still alive when the
+    process group is destroyed (a hang at exit, otherwise seen only by chance).
+    """
     torchrun = Path(sys.executable).with_name("torchrun")
     result = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "attamba.train", "experiment=smoke",
-         "train.steps=4", "train.log_every=1", "train.eval_every=100", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-         f"hydra.run.dir={tmp_path}/hydra", f"train.checkpoint_root={tmp_path}/checkpoints"],
+        [str(torchrun), "--standalone", "--nproc_per_node=2", str(REPO / "tests" / "ddp_shutdown_probe.py"),
+         "experiment=smoke", "train.steps=4", "train.log_every=1", "train.eval_every=100",
+         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"hydra.run.dir={tmp_path}/hydra",
+         f"train.checkpoint_root={tmp_path}/checkpoints"],
         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = find_runs(f"sqlite:///{tmp_path}/mlflow.db", "smoke")
