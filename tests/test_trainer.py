@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import attamba
 from attamba.tracking import find_runs, metric_history
@@ -55,6 +56,25 @@ def test_interrupted_run_resumes_to_the_same_losses(tmp_path):
     assert sorted(got) == sorted(want) == list(range(1, 11))
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_training_follows_eager_training(tmp_path):
+    """``train.compile_mode=reduce-overhead``, the README's advice on GPUs, trains the eager curve (to bf16
+    rounding) through a checkpoint, and finishes its run."""
+    common = ["train.device=cuda", "train.steps=6", "train.checkpoint_every=3", "train.eval_every=100"]
+    eager = smoke_config(tmp_path, *common, "tracking.experiment=eager", f"train.output_dir={tmp_path}/eager")
+    graphs = smoke_config(tmp_path, *common, "train.compile=true", "train.compile_mode=reduce-overhead",
+                          "tracking.experiment=graphs", f"train.output_dir={tmp_path}/graphs")
+    train(eager)
+    train(graphs)
+    (run,) = find_runs(graphs.tracking.uri, "graphs")
+    assert run["status"] == "FINISHED"
+    want, got = losses(eager.tracking.uri, "eager"), losses(graphs.tracking.uri, "graphs")
+    assert sorted(got) == sorted(want) == list(range(1, 7))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=2e-2), step
 
 
 def test_finished_run_is_not_trained_again(tmp_path):
