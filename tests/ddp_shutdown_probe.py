@@ -12,7 +12,7 @@ import torch
 
 from attamba import distributed, train
 
-destroy_group = distributed.shutdown
+real_shutdown = distributed.shutdown
 
 
 def shutdown_with_no_ddp_alive() -> None:
@@ -21,7 +21,7 @@ def shutdown_with_no_ddp_alive() -> None:
     if alive:
         print(f"{alive} DDP wrapper(s) alive when the process group is destroyed", file=sys.stderr, flush=True)
         os._exit(3)  # exiting normally could hang on the very deadlock this probe guards against
-    destroy_group()
+    real_shutdown()
 
 
 distributed.shutdown = shutdown_with_no_ddp_alive
