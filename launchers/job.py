@@ -8,7 +8,8 @@ The trainer sees it before its next step, saves a checkpoint and marks its MLflo
 run KILLED; then we hand over to submitit's handler, which calls
 :meth:`TrainJob.checkpoint`, runs ``scontrol requeue`` and exits without a result.
 The requeued job runs this same callable again, and the trainer resumes from its
-checkpoint into the same MLflow run.
+checkpoint into the same MLflow run. Once a run has finished, the signal is ignored:
+the job is done and must end COMPLETED, even if its time runs out while it exits.
 """
 
 from __future__ import annotations
@@ -74,11 +75,19 @@ class TrainJob(Checkpointable):
         try:
             result = train(self.config, stop_requested=lambda: any_rank(preempted.is_set()),
                            parent_run_id=self.parent_run_id)
-        finally:
+        except BaseException:
             signal.signal(signum, submitit_handler)
-        if "preempted_at_step" in result and callable(submitit_handler):
-            # Rank 0: submitit calls self.checkpoint(), requeues and exits (or raises once out of requeues).
-            submitit_handler(signum, None)
+            raise
+        if "preempted_at_step" in result:
+            signal.signal(signum, submitit_handler)
+            if callable(submitit_handler):
+                # Rank 0: submitit calls self.checkpoint(), requeues and exits (or raises once out of requeues).
+                submitit_handler(signum, None)
             # Other ranks: leave no result file; the requeued job runs every rank again.
             raise SystemExit(f"preempted at step {int(result['preempted_at_step'])}; the job was requeued")
+        # The run is over, so a signal from here on has nothing to save. A time limit's signal
+        # can still come while submitit writes the result, or while Python shuts down and puts
+        # back the default action (terminate), which would requeue the job or end it FAILED
+        # with its run finished. An ignored signal stays ignored through shutdown.
+        signal.signal(signum, signal.SIG_IGN)
         return result
