@@ -15,7 +15,7 @@ from typing import Any, Optional
 FAMILIES = ("attamba", "transformer", "mamba2")
 STRATEGIES = ("uniform", "cyclic", "random", "pseudo")
 SSM_IMPLS = ("auto", "reference", "blockdiag", "ssd", "triton", "tiled")
-ATTN_IMPLS = ("auto", "reference", "flash", "flex")
+ATTN_IMPLS = ("auto", "reference", "flash", "flex", "fused")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 INIT_DEPTHS = ("none", "current", "global")
 MATCH_TARGETS = ("kv_cache", "flops", "params")
@@ -88,7 +88,7 @@ class ModelConfig:
     ssm: SSMConfig = field(default_factory=SSMConfig)
     init_std: Optional[float] = None  # None = dim ** -0.5
     init_depth: str = "current"  # none | current | global depth scaling of output projections
-    attn_impl: str = "auto"  # auto | reference | flash | flex
+    attn_impl: str = "auto"  # auto | reference | flash | flex | fused
     # A baseline declared by what it matches against the sweep's Attamba settings;
     # resolved to a concrete attn_dim at compose time (attamba.accounting).
     match: Optional[str] = None
@@ -112,6 +112,10 @@ class ModelConfig:
             _require_positive(self.window, "model.window")
         _require_choice(self.init_depth, "model.init_depth", INIT_DEPTHS)
         _require_choice(self.attn_impl, "model.attn_impl", ATTN_IMPLS)
+        if self.attn_impl == "fused":
+            head_dim = self.width // self.n_heads
+            _require(head_dim >= 16 and head_dim & (head_dim - 1) == 0, "model.attn_impl",
+                     f"fused needs a head dim (model.dim / model.n_heads) that is a power of two >= 16, got {head_dim}")
         if self.match is not None:
             _require_choice(self.match, "model.match", MATCH_TARGETS)
         if self.family == "attamba":

@@ -13,6 +13,26 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _interpreter_reads_scalars_under_numpy_2_4() -> None:
+    """Triton 3.6's interpreter holds scalars as 1-element arrays, which NumPy 2.4 no longer turns
+    into ints: a loop bound read from memory fails (triton-lang/triton#9171, fixed after 3.6)."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope) -> None:
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_reads_scalars_under_numpy_2_4()
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ATTAMBA_SHARED", REPO_ROOT.parent / "shared"))
 WIKITEXT2_TEST = SHARED / "data" / "wikitext-2" / "wiki.test.raw"

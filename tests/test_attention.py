@@ -311,7 +311,7 @@ def test_window_flex_matches_reference_on_cpu():
     pytest.param(1000, random_layout(1000, 8, seed=7), 8, 2, id="random-1000"),
     pytest.param(1024, uniform_layout(1024, 16, shift=9), 1, 4, id="shifted-1024"),
 ])
-@pytest.mark.parametrize("impl", ["flex", "flash"])
+@pytest.mark.parametrize("impl", ["flex", "flash", "fused"])
 def test_chunk_fast_paths_match_reference_on_cuda(length, boundary, lead, kv_heads, impl):
     q, k, v = random_qkv(length, kv_heads=kv_heads, dim=64, dtype=torch.float32, device="cuda")
     on_cuda = boundary.cuda()
@@ -445,7 +445,7 @@ def test_compiled_flash_path_keeps_no_copy_per_band_offset():
 
 
 @pytest.mark.parametrize("device,length,expected", [
-    ("cpu", 65536, "reference"), ("cuda", 1024, "flex"), ("cuda", 16384, "flex"), ("cuda", 65536, "flash"),
+    ("cpu", 65536, "reference"), ("cuda", 1024, "fused"), ("cuda", 16384, "fused"), ("cuda", 65536, "flash"),
 ])
 def test_auto_picks_the_path_measured_fastest_for_the_length(device, length, expected):
     assert resolve_chunk_impl("auto", torch.device(device), length) == expected

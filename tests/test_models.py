@@ -14,7 +14,7 @@ STRATEGIES = ["uniform", "cyclic", "random", "pseudo"]
 
 def tiny(family: str, **model) -> ModelConfig:
     ssm = SSMConfig(state_dim=8, hidden=32, heads=4, conv=model.pop("conv", 4))
-    return ModelConfig(family=family, vocab_size=97, dim=32, n_layers=3, n_heads=4, ssm=ssm, **model)
+    return ModelConfig(family=family, ssm=ssm, **(dict(vocab_size=97, dim=32, n_layers=3, n_heads=4) | model))
 
 
 def model_of(family: str, strategy: str = "cyclic", size: int = 4, lead: int = 2, **model):
@@ -139,23 +139,25 @@ def test_init_follows_the_paper():
 
 
 @pytest.mark.parametrize("strategy", ["uniform", "cyclic", "random"])
-def test_flash_attention_path_matches_the_reference_in_the_model(strategy):
-    """The phase-folded decomposition (dense form on CPU) inside the whole model, forward and backward."""
-    models = {impl: model_of("attamba", strategy=strategy, size=4, lead=3, attn_impl=impl)
-              for impl in ("reference", "flash")}
+@pytest.mark.parametrize("attn_impl", ["flash", "fused"])
+def test_fast_attention_paths_match_the_reference_in_the_model(strategy, attn_impl):
+    """The phase-folded decomposition (dense form on CPU) and the fused kernels (Triton's interpreter
+    on CPU) inside the whole model, forward and backward. Heads of 16: the fused kernels' tiles."""
+    models = {impl: model_of("attamba", strategy=strategy, size=4, lead=3, attn_impl=impl, n_heads=2)
+              for impl in ("reference", attn_impl)}
     tokens = torch.randint(0, 97, (2, 37))
     logits = {impl: model(tokens) for impl, model in models.items()}
-    torch.testing.assert_close(logits["flash"], logits["reference"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[attn_impl], logits["reference"], atol=1e-5, rtol=1e-5)
     for impl in models:
         logits[impl].square().mean().backward()
-    for (name, fast), slow in zip(models["flash"].named_parameters(), models["reference"].parameters()):
+    for (name, fast), slow in zip(models[attn_impl].named_parameters(), models["reference"].parameters()):
         torch.testing.assert_close(fast.grad, slow.grad, atol=1e-6, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("strategy", ["cyclic", "random"])
 @pytest.mark.parametrize("ssm_impl", ["auto", "triton", "tiled"])
-@pytest.mark.parametrize("attn_impl", ["flash", "flex"])
+@pytest.mark.parametrize("attn_impl", ["flash", "flex", "fused"])
 def test_cuda_fast_paths_match_the_cpu_reference_forward_and_backward(strategy, ssm_impl, attn_impl):
     """The whole model with each fast attention and CUDA scan against the plain-PyTorch oracle."""
     if not torch.cuda.is_available():
@@ -188,7 +190,9 @@ def test_cuda_fast_paths_match_the_cpu_reference_forward_and_backward(strategy, 
 
 COMPILED_GRADIENT_CASES = [
     ("cpu", "flash", "auto"),
+    ("cpu", "fused", "auto"),
     pytest.param("cuda", "flash", "auto", marks=pytest.mark.gpu),
+    pytest.param("cuda", "fused", "auto", marks=pytest.mark.gpu),
     pytest.param("cuda", "flex", "auto", marks=pytest.mark.gpu),
     pytest.param("cuda", "flash", "triton", marks=pytest.mark.gpu),
 ]

@@ -21,14 +21,21 @@ Attamba's mask: query t sees key s iff ``(s < t and boundary[s])`` or
   ``t - lead <= s <= t``. The gathered part is causal-like over
   ``L/P`` keys and the raw part a narrow band, so almost every block is skipped.
   Fast and differentiable on CUDA; on CPU FlexAttention runs forward only.
+* ``fused``: one Triton kernel per pass walks each query block's band and then its past
+  boundaries, read through their positions: no mask, no gathered copies, no merge
+  (:mod:`attamba.ops.chunk_triton`). Fastest on the H200 below 64K tokens (README). CUDA,
+  heads of a power of two >= 16; on CPU in Triton's interpreter when ``TRITON_INTERPRET=1``
+  (the tests); the ``reference`` elsewhere.
 * ``auto``: on CUDA, ``flash`` for chunk attention over at least ``FLASH_FROM_LENGTH``
-  tokens and ``flex`` otherwise; ``reference`` elsewhere.
+  tokens and ``fused`` otherwise; ``reference`` elsewhere.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -37,13 +44,16 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from attamba.config import ATTN_IMPLS
 from attamba.ops.chunk_flash import PhaseTable, chunk_flash_attention, phase_table
 
+if TYPE_CHECKING:
+    from attamba.ops.chunk_triton import BoundaryTable
+
 # FlexAttention's sparse block size. The gathered keys are padded to a multiple
 # of it so the raw keys start on a block edge and the KV length varies little
 # between layers (fewer recompilations).
 _FLEX_BLOCK = 128
 
-# From this many tokens `auto` runs chunk attention on the flash path (H200 training, README:
-# 2.27x the transformer at 64K against flex's 1.98x; flex ahead at 16K, 1.07x against 0.71-0.80x).
+# From this many tokens `auto` runs chunk attention on the flash path, below it on the fused
+# kernels (H200, README: fused trains 1K and 16K fastest; flash 2.74x the transformer at 64K).
 FLASH_FROM_LENGTH = 65536
 
 # Enough compiled variants for every (sequence length, KV length, mask) a model
@@ -92,7 +102,8 @@ def chunk_attention(
     ``"flash"`` = phase-folded flash attention plus a band (CUDA kernel; exact anywhere);
     ``"flex"`` = FlexAttention over ``[gathered boundary keys | all keys]``, no
     ``L x L`` mask (CUDA; forward-only on CPU); ``"auto"`` = flash on CUDA from
-    ``FLASH_FROM_LENGTH`` tokens, flex below, reference off CUDA.
+    ``FLASH_FROM_LENGTH`` tokens, fused below, reference off CUDA; ``"fused"`` = one Triton
+    kernel per pass over each query's band and past boundaries (CUDA).
     Models prepare the mask once with :func:`chunk_mask` and call :func:`attend_chunks`.
     """
     _check_qkv(q, k, v)
@@ -114,6 +125,7 @@ class ChunkMask:
     leading_tokens: int
     impl: str  # "reference", "flash" or "flex"
     table: PhaseTable | None = None  # flash: where each query goes in the phase-folded attention
+    boundaries: BoundaryTable | None = None  # fused: the boundary keys each query sees
     key_index: torch.Tensor | None = None  # flex: source token of every key in [gathered | raw]
     block_mask: BlockMask | None = None  # flex: the sparse block mask over those keys
 
@@ -133,6 +145,9 @@ def attend_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Chunk
     _check_qkv(q, k, v)
     if mask.impl == "flash":
         return chunk_flash_attention(q, k, v, mask.table)
+    if mask.impl == "fused" and _fused_runs(q):
+        from attamba.ops.chunk_triton import fused_chunk_attention
+        return fused_chunk_attention(q, k, v, mask.boundaries)
     if mask.impl == "flex" and q.shape[-1] >= _FLEX_MIN_HEAD_DIM:
         # One gather builds [gathered boundary keys | all keys]; its backward
         # scatter-adds into k and v, so boundary tokens get both gradients.
@@ -179,9 +194,16 @@ _FLEX_MIN_HEAD_DIM = 16
 def resolve_chunk_impl(impl: str, device: torch.device, length: int) -> str:
     """The implementation chunk attention over ``length`` tokens runs for ``model.attn_impl=impl``."""
     resolved = _resolve_impl(impl, device)
-    if impl == "auto" and resolved == "flex" and length >= FLASH_FROM_LENGTH:
-        return "flash"
+    if impl == "auto" and device.type == "cuda":
+        return "flash" if length >= FLASH_FROM_LENGTH else "fused"
     return resolved
+
+
+def _fused_runs(q: torch.Tensor) -> bool:
+    """Whether the fused kernels take ``q``: on CUDA or in Triton's interpreter, with heads they tile."""
+    d = q.shape[-1]
+    on_triton = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return on_triton and d >= 16 and d & (d - 1) == 0
 
 
 def _resolve_impl(impl: str, device: torch.device) -> str:
@@ -274,6 +296,10 @@ def _build_chunk_mask(contents: bytes, leading_tokens: int, device: torch.device
     boundary = torch.frombuffer(bytearray(contents), dtype=torch.bool)
     if impl == "flash":
         return ChunkMask(boundary.to(device), leading_tokens, impl, table=phase_table(boundary, leading_tokens, device))
+    if impl == "fused":
+        from attamba.ops.chunk_triton import boundary_table
+        return ChunkMask(boundary.to(device), leading_tokens, impl,
+                         boundaries=boundary_table(boundary, leading_tokens, device))
     if impl != "flex":
         return ChunkMask(boundary.to(device), leading_tokens, impl)
     length = boundary.shape[0]

@@ -74,15 +74,18 @@ def phase_table(boundary: torch.Tensor, lead: int, device: torch.device) -> Phas
 
 def chunk_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: PhaseTable) -> torch.Tensor:
     """Attamba attention of ``q [b, h, L, d]`` over ``k, v [b, h_kv, L, d]`` for the layout of ``table``."""
-    # One dtype for all three, as SDPA would pick (the autocast one inside autocast): the
-    # backward runs outside autocast, and the flash kernel wants them alike.
-    if torch.is_autocast_enabled(q.device.type):
-        dtype = torch.get_autocast_dtype(q.device.type)
-    else:
-        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    dtype = joint_dtype(q, k, v)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     return _chunk_flash_fwd(q, k, v, table.keys, table.slots, table.fold_index, table.padding_slots, table.phases,
                             table.lead, 1.0 / math.sqrt(q.shape[-1]))[0]
+
+
+def joint_dtype(q: Tensor, k: Tensor, v: Tensor) -> torch.dtype:
+    """The one dtype a custom attention op takes all three in, as SDPA would pick (the autocast one
+    inside autocast): the backward runs outside autocast, and the kernels want them alike."""
+    if torch.is_autocast_enabled(q.device.type):
+        return torch.get_autocast_dtype(q.device.type)
+    return torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
 
 
 # The forward and backward are custom ops, opaque to torch.compile, with the backward registered as the

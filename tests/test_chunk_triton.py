@@ -1,0 +1,115 @@
+"""The fused chunk-attention kernels (``model.attn_impl=fused``) against the definition.
+
+Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET
+before they are imported), in fp32; bf16, torch.compile and speed need a GPU: ``-m gpu``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the fused chunk kernels need triton (pip install triton)")
+
+from attamba.config import ModelConfig  # noqa: E402
+from attamba.ops import chunk_triton  # noqa: E402
+from attamba.ops.attention import attend_chunks, chunk_attention, chunk_mask  # noqa: E402
+from test_attention import (LAYOUTS, assert_all_close, brute_force_chunk_mask, forward_backward,  # noqa: E402
+                            long_inputs, max_errors, naive_attention, random_layout, random_qkv, uniform_layout)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BLOCK = chunk_triton.BLOCK_M
+
+# Beyond the small layouts: sequences over several blocks, regular, shifted and irregular.
+LONG_LAYOUTS = {
+    "random-3-blocks": lambda: random_layout(3 * BLOCK + 7, 8, seed=3),
+    "shifted-2-blocks": lambda: uniform_layout(2 * BLOCK + 1, 8, shift=5),
+}
+
+
+def fused_and_naive(boundary: torch.Tensor, lead: int, kv_heads: int, dim: int = 16):
+    torch.manual_seed(0)
+    q, k, v = random_qkv(boundary.shape[0], kv_heads=kv_heads, dim=dim, dtype=torch.float32, device=DEVICE)
+    expected = forward_backward(lambda *t: naive_attention(*t, brute_force_chunk_mask(boundary, lead)), q, k, v)
+    actual = forward_backward(lambda *t: chunk_attention(*t, boundary.to(DEVICE), lead, impl="fused"), q, k, v)
+    return actual, expected
+
+
+@pytest.mark.parametrize("kv_heads", [4, 1])
+@pytest.mark.parametrize("lead", [0, 1, 8])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fused_matches_naive(layout, lead, kv_heads):
+    actual, expected = fused_and_naive(LAYOUTS[layout](), lead, kv_heads)
+    assert_all_close(actual, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("lead", [3, 8, 20])  # 20: a band wider than the 16-row tile beside a block
+@pytest.mark.parametrize("layout", LONG_LAYOUTS)
+def test_fused_matches_naive_over_several_blocks(layout, lead):
+    actual, expected = fused_and_naive(LONG_LAYOUTS[layout](), lead, kv_heads=2)
+    assert_all_close(actual, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_query_spans_split_the_boundary_keys_backward_without_changing_it(monkeypatch):
+    boundary = LONG_LAYOUTS["random-3-blocks"]()
+    whole, _ = fused_and_naive(boundary, 3, kv_heads=2)
+    monkeypatch.setattr(chunk_triton, "MIN_SPAN", 1)
+    monkeypatch.setattr(chunk_triton, "MAX_SPANS", 4)
+    assert chunk_triton._query_spans(boundary.shape[0]) == (BLOCK, 4)
+    split, expected = fused_and_naive(boundary, 3, kv_heads=2)
+    assert_all_close(split, expected, atol=1e-5, rtol=1e-4)
+    assert_all_close(split, whole, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout,lead", [("uniform", 1), ("random", 3), ("short", 2), ("shifted", 8)])
+def test_boundary_table_lists_the_boundaries_each_query_sees_past_its_band(layout, lead):
+    boundary = LAYOUTS[layout]()
+    table = chunk_triton.boundary_table(boundary, lead, torch.device("cpu"))
+    keys = table.keys.tolist()
+    for t in range(boundary.shape[0]):
+        seen = [s for s in range(t - lead) if boundary[s]]
+        assert keys[: table.n_visible[t]] == seen, f"query {t}"
+    assert table.key_slot.tolist() == [keys.index(s) if s in keys else -1 for s in range(boundary.shape[0])]
+
+
+def test_fused_under_autocast_takes_mixed_dtypes_like_sdpa():
+    """In a model q comes out of a half-precision matmul and k, v out of an fp32 scan: both paths cast
+    alike. (fp16 on CPU: Triton's interpreter computes in NumPy, which has no bf16.)"""
+    boundary = LAYOUTS["shifted"]()
+    half = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    q, k, v = random_qkv(boundary.shape[0], dtype=torch.float32, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=half):
+        results = {impl: forward_backward(lambda *t: chunk_attention(t[0].to(half), t[1], t[2], boundary.to(DEVICE),
+                                                                     3, impl=impl), q, k, v)
+                   for impl in ("fused", "reference")}
+    assert results["fused"][0].dtype == half
+    assert_all_close(results["fused"], results["reference"], atol=3e-2, rtol=3e-2)
+
+
+def test_a_head_dim_the_kernels_cannot_tile_names_the_setting():
+    with pytest.raises(ValueError, match=r"model\.attn_impl.*power of two >= 16, got 24"):
+        ModelConfig(family="attamba", dim=48, n_heads=2, attn_impl="fused")
+    ModelConfig(family="attamba", dim=48, n_heads=2, attn_impl="auto")  # auto runs the reference there
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("kv_heads", [8, 2])
+def test_fused_bf16_at_16k_tokens_strays_from_fp32_like_the_reference(kv_heads):
+    """bf16 fused (eager and compiled) and bf16 reference stray from the fp32 reference alike."""
+    q, k, v, boundary = long_inputs(16384, torch.float32)
+    k, v = (t.detach()[:, :kv_heads].clone().requires_grad_() for t in (k, v))
+    exact = forward_backward(lambda *t: chunk_attention(*t, boundary, 8, impl="reference"), q, k, v)
+    half = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    mask = chunk_mask(boundary, 8, boundary.device, "fused")
+    attend = {"reference": functools.partial(chunk_attention, boundary=boundary, leading_tokens=8, impl="reference"),
+              "fused": functools.partial(attend_chunks, mask=mask),
+              "fused compiled": functools.partial(torch.compile(attend_chunks, fullgraph=True), mask=mask)}
+    errors = {name: max_errors(forward_backward(fn, *half), exact) for name, fn in attend.items()}
+    print(f"\nmax |bf16 - fp32 reference| (out, dq, dk, dv), {kv_heads} kv heads: {errors}")
+    for name in ("fused", "fused compiled"):
+        for error, reference_error in zip(errors[name], errors["reference"]):
+            assert error <= 2 * reference_error + 1e-3, name
