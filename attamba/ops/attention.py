@@ -13,7 +13,7 @@ Attamba's mask: query t sees key s iff ``(s < t and boundary[s])`` or
   queries folded into phases, plus a ``lead + 1`` key band in fused Triton kernels,
   merged by log-sum-exp (:mod:`attamba.ops.chunk_flash`). Exact forward and backward
   everywhere (dense fp32 matrices and PyTorch stand in for the kernels off CUDA or in
-  fp32). On the H200 it trains fastest at 64K tokens; flex is ahead up to 16K (README).
+  fp32). On the H200 it trains fastest at 64K tokens; the fused kernels are ahead below (README).
 * ``flex``: never builds an ``L x L`` mask. The boundary keys/values are gathered
   once and put in front of all keys, ``[k_boundary | k]``, and a FlexAttention
   block mask lets query t see gathered key j iff ``pos[j] < t - lead`` (so a
