@@ -95,6 +95,15 @@ def test_a_head_dim_the_kernels_cannot_tile_names_the_setting():
     ModelConfig(family="attamba", dim=48, n_heads=2, attn_impl="auto")  # auto runs the reference there
 
 
+def test_inputs_past_the_kernels_32_bit_offsets_are_refused_by_name():
+    mask = chunk_mask(uniform_layout(65536, 8), 8, torch.device("cpu"), "fused")
+    q = torch.empty(33, 65536, 8, 64, device="meta").transpose(1, 2)  # 33 * 2^25 elements: fits
+    # v as a model makes it, one of the keys' and values' interleaved streams: it spans twice its size
+    v = torch.empty(33, 65536, 2, 8 * 64, device="meta")[:, :, 1].unflatten(-1, (8, 64)).transpose(1, 2)
+    with pytest.raises(ValueError, match=r"model\.attn_impl=fused.*32-bit"):
+        chunk_triton.fused_chunk_attention(q, q, v, mask.boundaries)
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("kv_heads", [8, 2])

@@ -297,6 +297,11 @@ def _lead_pad(lead: int) -> int:
     return max(16, triton.next_power_of_2(lead))
 
 
+def _extent(x: Tensor) -> int:
+    """How many elements from ``x``'s first to its last (a strided view spans more than its own)."""
+    return 1 + sum((n - 1) * stride for n, stride in zip(x.shape, x.stride()))
+
+
 def _query_spans(length: int) -> tuple[int, int]:
     """How the boundary keys' backward splits the queries: (span, number of spans).
 
@@ -385,6 +390,9 @@ def fused_chunk_attention(q: Tensor, k: Tensor, v: Tensor, table: BoundaryTable)
 
     ``d`` must be a power of two of at least 16 (tensor-core tiles).
     """
+    if max(_extent(q), _extent(k), _extent(v)) >= 2 ** 31:
+        raise ValueError(f"model.attn_impl=fused: q {tuple(q.shape)} spans 2^31 elements or more, past the "
+                         f"kernels' 32-bit offsets; use fewer sequences per step or model.attn_impl=flash")
     dtype = joint_dtype(q, k, v)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     return _fused_fwd(q, k, v, table.keys, table.n_visible, table.key_slot, table.lead,
