@@ -112,10 +112,6 @@ class ModelConfig:
             _require_positive(self.window, "model.window")
         _require_choice(self.init_depth, "model.init_depth", INIT_DEPTHS)
         _require_choice(self.attn_impl, "model.attn_impl", ATTN_IMPLS)
-        if self.attn_impl == "fused":
-            head_dim = self.width // self.n_heads
-            _require(head_dim >= 16 and head_dim & (head_dim - 1) == 0, "model.attn_impl",
-                     f"fused needs a head dim (model.dim / model.n_heads) that is a power of two >= 16, got {head_dim}")
         if self.match is not None:
             _require_choice(self.match, "model.match", MATCH_TARGETS)
         if self.family == "attamba":

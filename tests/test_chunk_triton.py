@@ -13,7 +13,6 @@ import torch
 
 pytest.importorskip("triton", reason="the fused chunk kernels need triton (pip install triton)")
 
-from attamba.config import ModelConfig  # noqa: E402
 from attamba.ops import chunk_triton  # noqa: E402
 from attamba.ops.attention import attend_chunks, chunk_attention, chunk_mask  # noqa: E402
 from test_attention import (LAYOUTS, assert_all_close, brute_force_chunk_mask, forward_backward,  # noqa: E402
@@ -89,10 +88,10 @@ def test_fused_under_autocast_takes_mixed_dtypes_like_sdpa():
     assert_all_close(results["fused"], results["reference"], atol=3e-2, rtol=3e-2)
 
 
-def test_a_head_dim_the_kernels_cannot_tile_names_the_setting():
-    with pytest.raises(ValueError, match=r"model\.attn_impl.*power of two >= 16, got 24"):
-        ModelConfig(family="attamba", dim=48, n_heads=2, attn_impl="fused")
-    ModelConfig(family="attamba", dim=48, n_heads=2, attn_impl="auto")  # auto runs the reference there
+@pytest.mark.parametrize("dim", [8, 24])  # below the 16-wide tiles, and between powers of two
+def test_head_dims_off_the_tile_widths_are_padded_exactly(dim):
+    actual, expected = fused_and_naive(LONG_LAYOUTS["shifted-2-blocks"](), 3, kv_heads=2, dim=dim)
+    assert_all_close(actual, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_inputs_past_the_kernels_32_bit_offsets_are_refused_by_name():

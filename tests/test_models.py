@@ -14,7 +14,7 @@ STRATEGIES = ["uniform", "cyclic", "random", "pseudo"]
 
 def tiny(family: str, **model) -> ModelConfig:
     ssm = SSMConfig(state_dim=8, hidden=32, heads=4, conv=model.pop("conv", 4))
-    return ModelConfig(family=family, ssm=ssm, **(dict(vocab_size=97, dim=32, n_layers=3, n_heads=4) | model))
+    return ModelConfig(family=family, vocab_size=97, dim=32, n_layers=3, n_heads=4, ssm=ssm, **model)
 
 
 def model_of(family: str, strategy: str = "cyclic", size: int = 4, lead: int = 2, **model):
@@ -142,8 +142,8 @@ def test_init_follows_the_paper():
 @pytest.mark.parametrize("attn_impl", ["flash", "fused"])
 def test_fast_attention_paths_match_the_reference_in_the_model(strategy, attn_impl):
     """The phase-folded decomposition (dense form on CPU) and the fused kernels (Triton's interpreter
-    on CPU) inside the whole model, forward and backward. Heads of 16: the fused kernels' tiles."""
-    models = {impl: model_of("attamba", strategy=strategy, size=4, lead=3, attn_impl=impl, n_heads=2)
+    on CPU, heads of 8 padded to their 16-wide tiles) inside the whole model, forward and backward."""
+    models = {impl: model_of("attamba", strategy=strategy, size=4, lead=3, attn_impl=impl)
               for impl in ("reference", attn_impl)}
     tokens = torch.randint(0, 97, (2, 37))
     logits = {impl: model(tokens) for impl, model in models.items()}

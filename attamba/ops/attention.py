@@ -23,9 +23,9 @@ Attamba's mask: query t sees key s iff ``(s < t and boundary[s])`` or
   Fast and differentiable on CUDA; on CPU FlexAttention runs forward only.
 * ``fused``: one Triton kernel per pass walks each query block's band and then its past
   boundaries, read through their positions: no mask, no gathered copies, no merge
-  (:mod:`attamba.ops.chunk_triton`). Fastest on the H200 below 64K tokens (README). CUDA,
-  heads of a power of two >= 16; on CPU in Triton's interpreter when ``TRITON_INTERPRET=1``
-  (the tests); the ``reference`` elsewhere.
+  (:mod:`attamba.ops.chunk_triton`). Fastest on the H200 below 64K tokens (README). CUDA;
+  on CPU in Triton's interpreter when ``TRITON_INTERPRET=1`` (the tests), the ``reference``
+  elsewhere.
 * ``auto``: on CUDA, ``flash`` for chunk attention over at least ``FLASH_FROM_LENGTH``
   tokens and ``fused`` otherwise; ``reference`` elsewhere.
 """
@@ -200,10 +200,8 @@ def resolve_chunk_impl(impl: str, device: torch.device, length: int) -> str:
 
 
 def _fused_runs(q: torch.Tensor) -> bool:
-    """Whether the fused kernels take ``q``: on CUDA or in Triton's interpreter, with heads they tile."""
-    d = q.shape[-1]
-    on_triton = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return on_triton and d >= 16 and d & (d - 1) == 0
+    """Whether the fused kernels take ``q``: on CUDA, or in Triton's interpreter (the CPU tests)."""
+    return q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _resolve_impl(impl: str, device: torch.device) -> str:

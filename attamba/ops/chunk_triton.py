@@ -75,10 +75,21 @@ def boundary_table(boundary: Tensor, lead: int, device: torch.device) -> Boundar
 
 
 @triton.jit
-def _tile(ptr, offset, rows, valid, D: tl.constexpr, stride_l):
-    """``[rows, D]`` of one head in its own dtype, zeros where not ``valid``."""
+def _in_head(valid, D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The mask of ``valid`` rows over a tile's dims: without padding, rows alone (unmasked dims
+    keep loads and stores vectorised)."""
+    mask = valid[:, None]
+    if HEAD_DIM < D:
+        mask = mask & (tl.arange(0, D) < HEAD_DIM)[None, :]
+    return mask
+
+
+@triton.jit
+def _tile(ptr, offset, rows, valid, D: tl.constexpr, HEAD_DIM: tl.constexpr, stride_l):
+    """``[rows, D]`` of one head in its own dtype, zeros where not ``valid`` and in the padding dims."""
     dims = tl.arange(0, D)
-    return tl.load(ptr + offset + rows[:, None] * stride_l + dims[None, :], mask=valid[:, None], other=0.0)
+    return tl.load(ptr + offset + rows[:, None] * stride_l + dims[None, :], mask=_in_head(valid, D, HEAD_DIM),
+                   other=0.0)
 
 
 @triton.jit
@@ -121,7 +132,7 @@ def _band_seen(t, s, length, LEAD: tl.constexpr):
 def _fwd_kernel(Q, K, V, KEYS, N_VISIBLE, O, LSE,
                 sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, so_b, so_h, so_l,
                 length, n_keys, heads, group, qk_scale,
-                LEAD: tl.constexpr, LEAD_PAD: tl.constexpr, D: tl.constexpr,
+                LEAD: tl.constexpr, LEAD_PAD: tl.constexpr, D: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     bh = tl.program_id(1)
     b, h = bh // heads, bh % heads
@@ -130,17 +141,17 @@ def _fwd_kernel(Q, K, V, KEYS, N_VISIBLE, O, LSE,
     first = tl.program_id(0) * BLOCK_M
     t = first + tl.arange(0, BLOCK_M)
     in_range = t < length
-    q = _tile(Q, b * sq_b + h * sq_h, t, in_range, D, sq_l)
+    q = _tile(Q, b * sq_b + h * sq_h, t, in_range, D, HEAD_DIM, sq_l)
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     # the band: this block's own keys, then the LEAD_PAD before them
     s = first + tl.arange(0, BLOCK_M)
-    row_max, row_sum, acc = _attend(q, _tile(K, k_base, s, s < length, D, sk_l), _tile(V, v_base, s, s < length, D, sv_l),
+    row_max, row_sum, acc = _attend(q, _tile(K, k_base, s, s < length, D, HEAD_DIM, sk_l), _tile(V, v_base, s, s < length, D, HEAD_DIM, sv_l),
                                     _band_seen(t, s, length, LEAD), row_max, row_sum, acc, qk_scale, PRECISION)
     if LEAD > 0:
         s = first - LEAD_PAD + tl.arange(0, LEAD_PAD)
-        row_max, row_sum, acc = _attend(q, _tile(K, k_base, s, s >= 0, D, sk_l), _tile(V, v_base, s, s >= 0, D, sv_l),
+        row_max, row_sum, acc = _attend(q, _tile(K, k_base, s, s >= 0, D, HEAD_DIM, sk_l), _tile(V, v_base, s, s >= 0, D, HEAD_DIM, sv_l),
                                         _band_seen(t, s, length, LEAD), row_max, row_sum, acc, qk_scale, PRECISION)
     # the past boundaries, up to the last query's (the most any query here sees)
     limit = tl.load(N_VISIBLE + t, mask=in_range, other=0)
@@ -148,14 +159,14 @@ def _fwd_kernel(Q, K, V, KEYS, N_VISIBLE, O, LSE,
         j = start + tl.arange(0, BLOCK_N)
         exists = j < n_keys
         pos = tl.load(KEYS + j, mask=exists, other=0)
-        row_max, row_sum, acc = _attend(q, _tile(K, k_base, pos, exists, D, sk_l), _tile(V, v_base, pos, exists, D, sv_l),
+        row_max, row_sum, acc = _attend(q, _tile(K, k_base, pos, exists, D, HEAD_DIM, sk_l), _tile(V, v_base, pos, exists, D, HEAD_DIM, sv_l),
                                         j[None, :] < limit[:, None], row_max, row_sum, acc, qk_scale, PRECISION)
     has_keys = row_sum > 0  # every query sees itself; only rows past the end see nothing
     lse = tl.where(has_keys, (row_max + tl.log2(tl.where(has_keys, row_sum, 1.0))) / _LOG2E, 0.0)
     out = acc / tl.where(has_keys, row_sum, 1.0)[:, None]
     dims = tl.arange(0, D)
     tl.store(O + b * so_b + h * so_h + t[:, None] * so_l + dims[None, :], out.to(O.dtype.element_ty),
-             mask=in_range[:, None])
+             mask=_in_head(in_range, D, HEAD_DIM))
     tl.store(LSE + bh * length + t, lse, mask=in_range)
 
 
@@ -163,7 +174,7 @@ def _fwd_kernel(Q, K, V, KEYS, N_VISIBLE, O, LSE,
 def _bwd_query_kernel(DO, Q, K, V, O, LSE, KEYS, N_VISIBLE, DQ, DELTA,
                       sdo_b, sdo_h, sdo_l, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, so_b, so_h, so_l,
                       length, n_keys, heads, group, scale, qk_scale,
-                      LEAD: tl.constexpr, LEAD_PAD: tl.constexpr, D: tl.constexpr,
+                      LEAD: tl.constexpr, LEAD_PAD: tl.constexpr, D: tl.constexpr, HEAD_DIM: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     bh = tl.program_id(1)
     b, h = bh // heads, bh % heads
@@ -172,28 +183,28 @@ def _bwd_query_kernel(DO, Q, K, V, O, LSE, KEYS, N_VISIBLE, DQ, DELTA,
     first = tl.program_id(0) * BLOCK_M
     t = first + tl.arange(0, BLOCK_M)
     in_range = t < length
-    q = _tile(Q, b * sq_b + h * sq_h, t, in_range, D, sq_l)
-    do = _tile(DO, b * sdo_b + h * sdo_h, t, in_range, D, sdo_l)
-    delta = tl.sum(do.to(tl.float32) * _tile(O, b * so_b + h * so_h, t, in_range, D, so_l).to(tl.float32), axis=1)
+    q = _tile(Q, b * sq_b + h * sq_h, t, in_range, D, HEAD_DIM, sq_l)
+    do = _tile(DO, b * sdo_b + h * sdo_h, t, in_range, D, HEAD_DIM, sdo_l)
+    delta = tl.sum(do.to(tl.float32) * _tile(O, b * so_b + h * so_h, t, in_range, D, HEAD_DIM, so_l).to(tl.float32), axis=1)
     lse2 = tl.load(LSE + bh * length + t, mask=in_range, other=0.0) * _LOG2E
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     s = first + tl.arange(0, BLOCK_M)
-    dq = _query_grad(q, _tile(K, k_base, s, s < length, D, sk_l), _tile(V, v_base, s, s < length, D, sv_l), do, lse2,
+    dq = _query_grad(q, _tile(K, k_base, s, s < length, D, HEAD_DIM, sk_l), _tile(V, v_base, s, s < length, D, HEAD_DIM, sv_l), do, lse2,
                      delta, _band_seen(t, s, length, LEAD), dq, qk_scale, PRECISION)
     if LEAD > 0:
         s = first - LEAD_PAD + tl.arange(0, LEAD_PAD)
-        dq = _query_grad(q, _tile(K, k_base, s, s >= 0, D, sk_l), _tile(V, v_base, s, s >= 0, D, sv_l), do, lse2,
+        dq = _query_grad(q, _tile(K, k_base, s, s >= 0, D, HEAD_DIM, sk_l), _tile(V, v_base, s, s >= 0, D, HEAD_DIM, sv_l), do, lse2,
                          delta, _band_seen(t, s, length, LEAD), dq, qk_scale, PRECISION)
     limit = tl.load(N_VISIBLE + t, mask=in_range, other=0)
     for start in range(0, tl.load(N_VISIBLE + tl.minimum(first + BLOCK_M, length) - 1), BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)
         exists = j < n_keys
         pos = tl.load(KEYS + j, mask=exists, other=0)
-        dq = _query_grad(q, _tile(K, k_base, pos, exists, D, sk_l), _tile(V, v_base, pos, exists, D, sv_l), do,
+        dq = _query_grad(q, _tile(K, k_base, pos, exists, D, HEAD_DIM, sk_l), _tile(V, v_base, pos, exists, D, HEAD_DIM, sv_l), do,
                          lse2, delta, j[None, :] < limit[:, None], dq, qk_scale, PRECISION)
     dims = tl.arange(0, D)
-    tl.store(DQ + bh * length * D + t[:, None] * D + dims[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=in_range[:, None])
+    tl.store(DQ + bh * length * HEAD_DIM + t[:, None] * HEAD_DIM + dims[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=_in_head(in_range, D, HEAD_DIM))
     tl.store(DELTA + bh * length + t, delta, mask=in_range)
 
 
@@ -201,15 +212,15 @@ def _bwd_query_kernel(DO, Q, K, V, O, LSE, KEYS, N_VISIBLE, DQ, DELTA,
 def _bwd_past_key_kernel(DO, Q, K, V, LSE, DELTA, KEYS, N_VISIBLE, DK_PAST, DV_PAST,
                          sdo_b, sdo_h, sdo_l, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                          length, n_keys, heads, kv_heads, scale, qk_scale, span,
-                         GROUP: tl.constexpr, LEAD: tl.constexpr, D: tl.constexpr,
+                         GROUP: tl.constexpr, LEAD: tl.constexpr, D: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     bh = tl.program_id(1)
     b, kv_h = bh // kv_heads, bh % kv_heads
     j = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     exists = j < n_keys
     pos = tl.load(KEYS + j, mask=exists, other=0)
-    k = _tile(K, b * sk_b + kv_h * sk_h, pos, exists, D, sk_l)
-    v = _tile(V, b * sv_b + kv_h * sv_h, pos, exists, D, sv_l)
+    k = _tile(K, b * sk_b + kv_h * sk_h, pos, exists, D, HEAD_DIM, sk_l)
+    v = _tile(V, b * sv_b + kv_h * sv_h, pos, exists, D, HEAD_DIM, sv_l)
     # this program's share of the queries: its span, from the first query that sees the block's
     # first boundary (none before it sees any of them)
     span_start = tl.program_id(2) * span
@@ -224,14 +235,14 @@ def _bwd_past_key_kernel(DO, Q, K, V, LSE, DELTA, KEYS, N_VISIBLE, DK_PAST, DV_P
             in_range = t < last
             limit = tl.load(N_VISIBLE + t, mask=in_range, other=0)
             row = (b * heads + h) * length + t
-            dk, dv = _key_grads(k, v, _tile(Q, b * sq_b + h * sq_h, t, in_range, D, sq_l),
-                                _tile(DO, b * sdo_b + h * sdo_h, t, in_range, D, sdo_l),
+            dk, dv = _key_grads(k, v, _tile(Q, b * sq_b + h * sq_h, t, in_range, D, HEAD_DIM, sq_l),
+                                _tile(DO, b * sdo_b + h * sdo_h, t, in_range, D, HEAD_DIM, sdo_l),
                                 tl.load(LSE + row, mask=in_range, other=0.0) * _LOG2E,
                                 tl.load(DELTA + row, mask=in_range, other=0.0),
                                 j[:, None] < limit[None, :], dk, dv, qk_scale, PRECISION)
     dims = tl.arange(0, D)
     offsets = (tl.program_id(2) * tl.num_programs(1) + bh) * n_keys * D + j[:, None] * D + dims[None, :]
-    tl.store(DK_PAST + offsets, dk * scale, mask=exists[:, None])
+    tl.store(DK_PAST + offsets, dk * scale, mask=exists[:, None])  # buffers keep the padded width
     tl.store(DV_PAST + offsets, dv, mask=exists[:, None])
 
 
@@ -239,15 +250,15 @@ def _bwd_past_key_kernel(DO, Q, K, V, LSE, DELTA, KEYS, N_VISIBLE, DK_PAST, DV_P
 def _bwd_band_key_kernel(DO, Q, K, V, LSE, DELTA, KEY_SLOT, DK_PAST, DV_PAST, DK, DV,
                          sdo_b, sdo_h, sdo_l, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                          length, n_keys, heads, kv_heads, scale, qk_scale, spans,
-                         GROUP: tl.constexpr, LEAD: tl.constexpr, LEAD_PAD: tl.constexpr, D: tl.constexpr,
+                         GROUP: tl.constexpr, LEAD: tl.constexpr, LEAD_PAD: tl.constexpr, D: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_N: tl.constexpr, HAS_PAST: tl.constexpr, PRECISION: tl.constexpr):
     bh = tl.program_id(1)
     b, kv_h = bh // kv_heads, bh % kv_heads
     first = tl.program_id(0) * BLOCK_N
     s = first + tl.arange(0, BLOCK_N)
     in_range = s < length
-    k = _tile(K, b * sk_b + kv_h * sk_h, s, in_range, D, sk_l)
-    v = _tile(V, b * sv_b + kv_h * sv_h, s, in_range, D, sv_l)
+    k = _tile(K, b * sk_b + kv_h * sk_h, s, in_range, D, HEAD_DIM, sk_l)
+    v = _tile(V, b * sv_b + kv_h * sv_h, s, in_range, D, HEAD_DIM, sv_l)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     for member in tl.static_range(GROUP):
@@ -257,7 +268,7 @@ def _bwd_band_key_kernel(DO, Q, K, V, LSE, DELTA, KEY_SLOT, DK_PAST, DV_PAST, DK
         t = first + tl.arange(0, BLOCK_N)
         valid = t < length
         row = (b * heads + h) * length + t
-        dk, dv = _key_grads(k, v, _tile(Q, q_base, t, valid, D, sq_l), _tile(DO, do_base, t, valid, D, sdo_l),
+        dk, dv = _key_grads(k, v, _tile(Q, q_base, t, valid, D, HEAD_DIM, sq_l), _tile(DO, do_base, t, valid, D, HEAD_DIM, sdo_l),
                             tl.load(LSE + row, mask=valid, other=0.0) * _LOG2E,
                             tl.load(DELTA + row, mask=valid, other=0.0),
                             tl.trans(_band_seen(t, s, length, LEAD)) & valid[None, :], dk, dv, qk_scale, PRECISION)
@@ -265,7 +276,7 @@ def _bwd_band_key_kernel(DO, Q, K, V, LSE, DELTA, KEY_SLOT, DK_PAST, DV_PAST, DK
             t = first + BLOCK_N + tl.arange(0, LEAD_PAD)
             valid = t < length
             row = (b * heads + h) * length + t
-            dk, dv = _key_grads(k, v, _tile(Q, q_base, t, valid, D, sq_l), _tile(DO, do_base, t, valid, D, sdo_l),
+            dk, dv = _key_grads(k, v, _tile(Q, q_base, t, valid, D, HEAD_DIM, sq_l), _tile(DO, do_base, t, valid, D, HEAD_DIM, sdo_l),
                                 tl.load(LSE + row, mask=valid, other=0.0) * _LOG2E,
                                 tl.load(DELTA + row, mask=valid, other=0.0),
                                 tl.trans(_band_seen(t, s, length, LEAD)) & valid[None, :], dk, dv, qk_scale,
@@ -279,9 +290,10 @@ def _bwd_band_key_kernel(DO, Q, K, V, LSE, DELTA, KEY_SLOT, DK_PAST, DV_PAST, DK
             past = (part * tl.num_programs(1) + bh) * n_keys * D + slot[:, None] * D + dims[None, :]
             dk += tl.load(DK_PAST + past, mask=is_key[:, None], other=0.0)
             dv += tl.load(DV_PAST + past, mask=is_key[:, None], other=0.0)
-    offsets = bh * length * D + s[:, None] * D + dims[None, :]
-    tl.store(DK + offsets, dk.to(DK.dtype.element_ty), mask=in_range[:, None])
-    tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=in_range[:, None])
+    offsets = bh * length * HEAD_DIM + s[:, None] * HEAD_DIM + dims[None, :]
+    written = _in_head(in_range, D, HEAD_DIM)
+    tl.store(DK + offsets, dk.to(DK.dtype.element_ty), mask=written)
+    tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=written)
 
 
 # ---------------------------------------------------------------------------
@@ -293,9 +305,10 @@ def _precision(q: Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
-def _lead_pad(lead: int) -> int:
-    """The band's rows beyond a block, as a tile: a power of two of at least 16 (tensor-core tiles)."""
-    return max(16, triton.next_power_of_2(lead))
+def _tile_width(n: int) -> int:
+    """``n`` rows or dims as a tile: a power of two of at least 16 (tensor cores), the rest masked.
+    For the head dim, and for the band's rows beyond a block (``lead``)."""
+    return max(16, triton.next_power_of_2(n))
 
 
 def _extent(x: Tensor) -> int:
@@ -325,7 +338,7 @@ def _fused_fwd(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, n_visible: Tensor,
     lse = q.new_empty(b, h, length, dtype=torch.float32)
     _fwd_kernel[(triton.cdiv(length, BLOCK_M), b * h)](
         q, k, v, keys, n_visible, out, lse, *_strides(q, k, v, out), length, keys.numel(), h, h // k.shape[1],
-        scale * _LOG2E.value, LEAD=lead, LEAD_PAD=_lead_pad(lead), D=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        scale * _LOG2E.value, LEAD=lead, LEAD_PAD=_tile_width(lead), D=_tile_width(d), HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         PRECISION=_precision(q), num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return out, lse
 
@@ -346,12 +359,12 @@ def _fused_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     delta = q.new_empty(b, h, length, dtype=torch.float32)
     span, spans = _query_spans(length)
-    dk_past = k.new_empty(spans, b, kv_heads, max(n_keys, 1), d, dtype=torch.float32)
+    dk_past = k.new_empty(spans, b, kv_heads, max(n_keys, 1), _tile_width(d), dtype=torch.float32)
     dv_past = torch.empty_like(dk_past)
-    common = dict(D=d, LEAD=lead, PRECISION=_precision(q), num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    common = dict(D=_tile_width(d), HEAD_DIM=d, LEAD=lead, PRECISION=_precision(q), num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     _bwd_query_kernel[(triton.cdiv(length, BLOCK_M), b * h)](
         grad_out, q, k, v, out, lse, keys, n_visible, dq, delta, *_strides(grad_out, q, k, v, out),
-        length, n_keys, h, h // kv_heads, scale, scale * _LOG2E.value, LEAD_PAD=_lead_pad(lead), BLOCK_M=BLOCK_M,
+        length, n_keys, h, h // kv_heads, scale, scale * _LOG2E.value, LEAD_PAD=_tile_width(lead), BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N, **common)
     if n_keys:
         _bwd_past_key_kernel[(triton.cdiv(n_keys, BLOCK_N), b * kv_heads, spans)](
@@ -360,7 +373,7 @@ def _fused_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
             BLOCK_N=BLOCK_N, **common)
     _bwd_band_key_kernel[(triton.cdiv(length, BLOCK_N), b * kv_heads)](
         grad_out, q, k, v, lse, delta, key_slot, dk_past, dv_past, dk, dv, *_strides(grad_out, q, k, v),
-        length, n_keys, h, kv_heads, scale, scale * _LOG2E.value, spans, GROUP=h // kv_heads, LEAD_PAD=_lead_pad(lead),
+        length, n_keys, h, kv_heads, scale, scale * _LOG2E.value, spans, GROUP=h // kv_heads, LEAD_PAD=_tile_width(lead),
         BLOCK_N=BLOCK_N, HAS_PAST=n_keys > 0, **common)
     return dq, dk, dv
 
@@ -387,10 +400,7 @@ _fused_fwd.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 def fused_chunk_attention(q: Tensor, k: Tensor, v: Tensor, table: BoundaryTable) -> Tensor:
-    """Attamba attention of ``q [b, h, L, d]`` over ``k, v [b, h_kv, L, d]`` for the layout of ``table``.
-
-    ``d`` must be a power of two of at least 16 (tensor-core tiles).
-    """
+    """Attamba attention of ``q [b, h, L, d]`` over ``k, v [b, h_kv, L, d]`` for the layout of ``table``."""
     if max(_extent(q), _extent(k), _extent(v)) >= 2 ** 31:
         raise ValueError(f"model.attn_impl=fused: q {tuple(q.shape)} spans 2^31 elements or more, past the "
                          f"kernels' 32-bit offsets; use fewer sequences per step or model.attn_impl=flash")
