@@ -7,6 +7,9 @@ before they are imported), in fp32; bf16, torch.compile and speed need a GPU: ``
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -101,6 +104,36 @@ def test_inputs_past_the_kernels_32_bit_offsets_are_refused_by_name():
     v = torch.empty(33, 65536, 2, 8 * 64, device="meta")[:, :, 1].unflatten(-1, (8, 64)).transpose(1, 2)
     with pytest.raises(ValueError, match=r"model\.attn_impl=fused.*32-bit"):
         chunk_triton.fused_chunk_attention(q, q, v, mask.boundaries)
+
+
+# Compiles the kernels for Hopper (sm_90) without a GPU: Triton's code generator and ptxas check
+# what its interpreter does not (loop-carried types, static branches, register allocation).
+_COMPILE_FOR_HOPPER = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from attamba.ops import chunk_triton as ct
+
+pointers = {"KEYS": "*i32", "N_VISIBLE": "*i32", "KEY_SLOT": "*i32", "LSE": "*fp32", "DELTA": "*fp32",
+            "DK_PAST": "*fp32", "DV_PAST": "*fp32"}
+head_dim, lead, group = CASE
+constants = dict(D=ct._tile_width(head_dim), HEAD_DIM=head_dim, LEAD=lead, LEAD_PAD=ct._tile_width(lead),
+                 PRECISION="tf32", BLOCK_M=ct.BLOCK_M, BLOCK_N=ct.BLOCK_N, GROUP=group, HAS_PAST=True)
+for kernel in (ct._fwd_kernel, ct._bwd_query_kernel, ct._bwd_past_key_kernel, ct._bwd_band_key_kernel):
+    given = {name: value for name, value in constants.items() if name in kernel.arg_names}
+    signature = {name: "constexpr" if name in given else pointers.get(name, "*bf16") if name.isupper()
+                 else "fp32" if name.endswith("scale") else "i32" for name in kernel.arg_names}
+    triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=given), target=GPUTarget("cuda", 90, 64),
+                   options=dict(num_warps=ct.NUM_WARPS, num_stages=ct.NUM_STAGES))
+"""
+
+
+@pytest.mark.parametrize("head_dim,lead,group", [(64, 8, 1), (24, 3, 2)], ids=["paper-model", "padded-gqa"])
+def test_kernels_compile_for_hopper_without_a_gpu(head_dim, lead, group):
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER.replace("CASE", repr((head_dim, lead, group)))],
+                            env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.gpu

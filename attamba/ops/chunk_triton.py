@@ -93,6 +93,12 @@ def _tile(ptr, offset, rows, valid, D: tl.constexpr, HEAD_DIM: tl.constexpr, str
 
 
 @triton.jit
+def _key_value(K, V, k_base, v_base, rows, valid, D: tl.constexpr, HEAD_DIM: tl.constexpr, sk_l, sv_l):
+    """The key and value tiles of ``rows``."""
+    return _tile(K, k_base, rows, valid, D, HEAD_DIM, sk_l), _tile(V, v_base, rows, valid, D, HEAD_DIM, sv_l)
+
+
+@triton.jit
 def _attend(q, k, v, seen, row_max, row_sum, acc, qk_scale, PRECISION: tl.constexpr):
     """One key tile's step of the online softmax (base 2)."""
     score = tl.where(seen, tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, float("-inf"))
@@ -147,20 +153,23 @@ def _fwd_kernel(Q, K, V, KEYS, N_VISIBLE, O, LSE,
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     # the band: this block's own keys, then the LEAD_PAD before them
     s = first + tl.arange(0, BLOCK_M)
-    row_max, row_sum, acc = _attend(q, _tile(K, k_base, s, s < length, D, HEAD_DIM, sk_l), _tile(V, v_base, s, s < length, D, HEAD_DIM, sv_l),
-                                    _band_seen(t, s, length, LEAD), row_max, row_sum, acc, qk_scale, PRECISION)
+    k_band, v_band = _key_value(K, V, k_base, v_base, s, s < length, D, HEAD_DIM, sk_l, sv_l)
+    row_max, row_sum, acc = _attend(q, k_band, v_band, _band_seen(t, s, length, LEAD), row_max, row_sum, acc,
+                                    qk_scale, PRECISION)
     if LEAD > 0:
         s = first - LEAD_PAD + tl.arange(0, LEAD_PAD)
-        row_max, row_sum, acc = _attend(q, _tile(K, k_base, s, s >= 0, D, HEAD_DIM, sk_l), _tile(V, v_base, s, s >= 0, D, HEAD_DIM, sv_l),
-                                        _band_seen(t, s, length, LEAD), row_max, row_sum, acc, qk_scale, PRECISION)
+        k_band, v_band = _key_value(K, V, k_base, v_base, s, s >= 0, D, HEAD_DIM, sk_l, sv_l)
+        row_max, row_sum, acc = _attend(q, k_band, v_band, _band_seen(t, s, length, LEAD), row_max, row_sum, acc,
+                                    qk_scale, PRECISION)
     # the past boundaries, up to the last query's (the most any query here sees)
     limit = tl.load(N_VISIBLE + t, mask=in_range, other=0)
     for start in range(0, tl.load(N_VISIBLE + tl.minimum(first + BLOCK_M, length) - 1), BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)
         exists = j < n_keys
         pos = tl.load(KEYS + j, mask=exists, other=0)
-        row_max, row_sum, acc = _attend(q, _tile(K, k_base, pos, exists, D, HEAD_DIM, sk_l), _tile(V, v_base, pos, exists, D, HEAD_DIM, sv_l),
-                                        j[None, :] < limit[:, None], row_max, row_sum, acc, qk_scale, PRECISION)
+        k, v = _key_value(K, V, k_base, v_base, pos, exists, D, HEAD_DIM, sk_l, sv_l)
+        row_max, row_sum, acc = _attend(q, k, v, j[None, :] < limit[:, None], row_max, row_sum, acc, qk_scale,
+                                        PRECISION)
     has_keys = row_sum > 0  # every query sees itself; only rows past the end see nothing
     lse = tl.where(has_keys, (row_max + tl.log2(tl.where(has_keys, row_sum, 1.0))) / _LOG2E, 0.0)
     out = acc / tl.where(has_keys, row_sum, 1.0)[:, None]
@@ -185,23 +194,25 @@ def _bwd_query_kernel(DO, Q, K, V, O, LSE, KEYS, N_VISIBLE, DQ, DELTA,
     in_range = t < length
     q = _tile(Q, b * sq_b + h * sq_h, t, in_range, D, HEAD_DIM, sq_l)
     do = _tile(DO, b * sdo_b + h * sdo_h, t, in_range, D, HEAD_DIM, sdo_l)
-    delta = tl.sum(do.to(tl.float32) * _tile(O, b * so_b + h * so_h, t, in_range, D, HEAD_DIM, so_l).to(tl.float32), axis=1)
+    delta = tl.sum(do.to(tl.float32) * _tile(O, b * so_b + h * so_h, t, in_range, D, HEAD_DIM, so_l).to(tl.float32),
+                   axis=1)
     lse2 = tl.load(LSE + bh * length + t, mask=in_range, other=0.0) * _LOG2E
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     s = first + tl.arange(0, BLOCK_M)
-    dq = _query_grad(q, _tile(K, k_base, s, s < length, D, HEAD_DIM, sk_l), _tile(V, v_base, s, s < length, D, HEAD_DIM, sv_l), do, lse2,
-                     delta, _band_seen(t, s, length, LEAD), dq, qk_scale, PRECISION)
+    k_band, v_band = _key_value(K, V, k_base, v_base, s, s < length, D, HEAD_DIM, sk_l, sv_l)
+    dq = _query_grad(q, k_band, v_band, do, lse2, delta, _band_seen(t, s, length, LEAD), dq, qk_scale, PRECISION)
     if LEAD > 0:
         s = first - LEAD_PAD + tl.arange(0, LEAD_PAD)
-        dq = _query_grad(q, _tile(K, k_base, s, s >= 0, D, HEAD_DIM, sk_l), _tile(V, v_base, s, s >= 0, D, HEAD_DIM, sv_l), do, lse2,
-                         delta, _band_seen(t, s, length, LEAD), dq, qk_scale, PRECISION)
+        k_band, v_band = _key_value(K, V, k_base, v_base, s, s >= 0, D, HEAD_DIM, sk_l, sv_l)
+        dq = _query_grad(q, k_band, v_band, do, lse2, delta, _band_seen(t, s, length, LEAD), dq, qk_scale,
+                         PRECISION)
     limit = tl.load(N_VISIBLE + t, mask=in_range, other=0)
     for start in range(0, tl.load(N_VISIBLE + tl.minimum(first + BLOCK_M, length) - 1), BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)
         exists = j < n_keys
         pos = tl.load(KEYS + j, mask=exists, other=0)
-        dq = _query_grad(q, _tile(K, k_base, pos, exists, D, HEAD_DIM, sk_l), _tile(V, v_base, pos, exists, D, HEAD_DIM, sv_l), do,
-                         lse2, delta, j[None, :] < limit[:, None], dq, qk_scale, PRECISION)
+        k, v = _key_value(K, V, k_base, v_base, pos, exists, D, HEAD_DIM, sk_l, sv_l)
+        dq = _query_grad(q, k, v, do, lse2, delta, j[None, :] < limit[:, None], dq, qk_scale, PRECISION)
     dims = tl.arange(0, D)
     tl.store(DQ + bh * length * HEAD_DIM + t[:, None] * HEAD_DIM + dims[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=_in_head(in_range, D, HEAD_DIM))
@@ -250,7 +261,8 @@ def _bwd_past_key_kernel(DO, Q, K, V, LSE, DELTA, KEYS, N_VISIBLE, DK_PAST, DV_P
 def _bwd_band_key_kernel(DO, Q, K, V, LSE, DELTA, KEY_SLOT, DK_PAST, DV_PAST, DK, DV,
                          sdo_b, sdo_h, sdo_l, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                          length, n_keys, heads, kv_heads, scale, qk_scale, spans,
-                         GROUP: tl.constexpr, LEAD: tl.constexpr, LEAD_PAD: tl.constexpr, D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         GROUP: tl.constexpr, LEAD: tl.constexpr, LEAD_PAD: tl.constexpr,
+                         D: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_N: tl.constexpr, HAS_PAST: tl.constexpr, PRECISION: tl.constexpr):
     bh = tl.program_id(1)
     b, kv_h = bh // kv_heads, bh % kv_heads
@@ -268,7 +280,8 @@ def _bwd_band_key_kernel(DO, Q, K, V, LSE, DELTA, KEY_SLOT, DK_PAST, DV_PAST, DK
         t = first + tl.arange(0, BLOCK_N)
         valid = t < length
         row = (b * heads + h) * length + t
-        dk, dv = _key_grads(k, v, _tile(Q, q_base, t, valid, D, HEAD_DIM, sq_l), _tile(DO, do_base, t, valid, D, HEAD_DIM, sdo_l),
+        dk, dv = _key_grads(k, v, _tile(Q, q_base, t, valid, D, HEAD_DIM, sq_l),
+                            _tile(DO, do_base, t, valid, D, HEAD_DIM, sdo_l),
                             tl.load(LSE + row, mask=valid, other=0.0) * _LOG2E,
                             tl.load(DELTA + row, mask=valid, other=0.0),
                             tl.trans(_band_seen(t, s, length, LEAD)) & valid[None, :], dk, dv, qk_scale, PRECISION)
@@ -276,7 +289,8 @@ def _bwd_band_key_kernel(DO, Q, K, V, LSE, DELTA, KEY_SLOT, DK_PAST, DV_PAST, DK
             t = first + BLOCK_N + tl.arange(0, LEAD_PAD)
             valid = t < length
             row = (b * heads + h) * length + t
-            dk, dv = _key_grads(k, v, _tile(Q, q_base, t, valid, D, HEAD_DIM, sq_l), _tile(DO, do_base, t, valid, D, HEAD_DIM, sdo_l),
+            dk, dv = _key_grads(k, v, _tile(Q, q_base, t, valid, D, HEAD_DIM, sq_l),
+                                _tile(DO, do_base, t, valid, D, HEAD_DIM, sdo_l),
                                 tl.load(LSE + row, mask=valid, other=0.0) * _LOG2E,
                                 tl.load(DELTA + row, mask=valid, other=0.0),
                                 tl.trans(_band_seen(t, s, length, LEAD)) & valid[None, :], dk, dv, qk_scale,
@@ -338,7 +352,8 @@ def _fused_fwd(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, n_visible: Tensor,
     lse = q.new_empty(b, h, length, dtype=torch.float32)
     _fwd_kernel[(triton.cdiv(length, BLOCK_M), b * h)](
         q, k, v, keys, n_visible, out, lse, *_strides(q, k, v, out), length, keys.numel(), h, h // k.shape[1],
-        scale * _LOG2E.value, LEAD=lead, LEAD_PAD=_tile_width(lead), D=_tile_width(d), HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        scale * _LOG2E.value, LEAD=lead, LEAD_PAD=_tile_width(lead), D=_tile_width(d), HEAD_DIM=d, BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
         PRECISION=_precision(q), num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return out, lse
 
@@ -361,7 +376,8 @@ def _fused_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     span, spans = _query_spans(length)
     dk_past = k.new_empty(spans, b, kv_heads, max(n_keys, 1), _tile_width(d), dtype=torch.float32)
     dv_past = torch.empty_like(dk_past)
-    common = dict(D=_tile_width(d), HEAD_DIM=d, LEAD=lead, PRECISION=_precision(q), num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    common = dict(D=_tile_width(d), HEAD_DIM=d, LEAD=lead, PRECISION=_precision(q), num_warps=NUM_WARPS,
+                  num_stages=NUM_STAGES)
     _bwd_query_kernel[(triton.cdiv(length, BLOCK_M), b * h)](
         grad_out, q, k, v, out, lse, keys, n_visible, dq, delta, *_strides(grad_out, q, k, v, out),
         length, n_keys, h, h // kv_heads, scale, scale * _LOG2E.value, LEAD_PAD=_tile_width(lead), BLOCK_M=BLOCK_M,
@@ -373,7 +389,8 @@ def _fused_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
             BLOCK_N=BLOCK_N, **common)
     _bwd_band_key_kernel[(triton.cdiv(length, BLOCK_N), b * kv_heads)](
         grad_out, q, k, v, lse, delta, key_slot, dk_past, dv_past, dk, dv, *_strides(grad_out, q, k, v),
-        length, n_keys, h, kv_heads, scale, scale * _LOG2E.value, spans, GROUP=h // kv_heads, LEAD_PAD=_tile_width(lead),
+        length, n_keys, h, kv_heads, scale, scale * _LOG2E.value, spans, GROUP=h // kv_heads,
+        LEAD_PAD=_tile_width(lead),
         BLOCK_N=BLOCK_N, HAS_PAST=n_keys > 0, **common)
     return dq, dk, dv
 
