@@ -123,7 +123,7 @@ for kernel in (ct._fwd_kernel, ct._bwd_query_kernel, ct._bwd_past_key_kernel, ct
     given = {name: value for name, value in constants.items() if name in kernel.arg_names}
     signature = {name: "constexpr" if name in given else pointers.get(name, "*bf16") if name.isupper()
                  else "fp32" if name.endswith("scale") else "i32" for name in kernel.arg_names}
-    triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=given), target=GPUTarget("cuda", 90, 64),
+    triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=given), target=GPUTarget("cuda", 90, 32),
                    options=dict(num_warps=ct.NUM_WARPS, num_stages=ct.NUM_STAGES))
 """
 
