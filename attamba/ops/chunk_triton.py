@@ -135,18 +135,32 @@ def _band_seen(t, s, length, LEAD: tl.constexpr):
 
 
 @triton.jit
+def _query_block(heads, group, sk_b, sk_h, sv_b, sv_h, length, BLOCK_M: tl.constexpr):
+    """A query program's (batch * heads + head, batch, head, its key and value heads' offsets,
+    its first token, its BLOCK_M tokens, which exist)."""
+    bh = tl.program_id(1)
+    b, h = bh // heads, bh % heads
+    kv_h = h // group
+    first = tl.program_id(0) * BLOCK_M
+    t = first + tl.arange(0, BLOCK_M)
+    return bh, b, h, b * sk_b + kv_h * sk_h, b * sv_b + kv_h * sv_h, first, t, t < length
+
+
+@triton.jit
+def _past_limits(N_VISIBLE, t, in_range, first, length, BLOCK_M: tl.constexpr):
+    """How many past boundaries each query sees, and the most any query of the block sees (its last's)."""
+    limit = tl.load(N_VISIBLE + t, mask=in_range, other=0)
+    return limit, tl.load(N_VISIBLE + tl.minimum(first + BLOCK_M, length) - 1)
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, KEYS, N_VISIBLE, O, LSE,
                 sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, so_b, so_h, so_l,
                 length, n_keys, heads, group, qk_scale,
                 LEAD: tl.constexpr, LEAD_PAD: tl.constexpr, D: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    bh = tl.program_id(1)
-    b, h = bh // heads, bh % heads
-    kv_h = h // group
-    k_base, v_base = b * sk_b + kv_h * sk_h, b * sv_b + kv_h * sv_h
-    first = tl.program_id(0) * BLOCK_M
-    t = first + tl.arange(0, BLOCK_M)
-    in_range = t < length
+    bh, b, h, k_base, v_base, first, t, in_range = _query_block(heads, group, sk_b, sk_h, sv_b, sv_h, length,
+                                                                BLOCK_M)
     q = _tile(Q, b * sq_b + h * sq_h, t, in_range, D, HEAD_DIM, sq_l)
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -161,9 +175,9 @@ def _fwd_kernel(Q, K, V, KEYS, N_VISIBLE, O, LSE,
         k_band, v_band = _key_value(K, V, k_base, v_base, s, s >= 0, D, HEAD_DIM, sk_l, sv_l)
         row_max, row_sum, acc = _attend(q, k_band, v_band, _band_seen(t, s, length, LEAD), row_max, row_sum, acc,
                                     qk_scale, PRECISION)
-    # the past boundaries, up to the last query's (the most any query here sees)
-    limit = tl.load(N_VISIBLE + t, mask=in_range, other=0)
-    for start in range(0, tl.load(N_VISIBLE + tl.minimum(first + BLOCK_M, length) - 1), BLOCK_N):
+    # the past boundaries, up to the most any query here sees
+    limit, most = _past_limits(N_VISIBLE, t, in_range, first, length, BLOCK_M)
+    for start in range(0, most, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)
         exists = j < n_keys
         pos = tl.load(KEYS + j, mask=exists, other=0)
@@ -185,13 +199,8 @@ def _bwd_query_kernel(DO, Q, K, V, O, LSE, KEYS, N_VISIBLE, DQ, DELTA,
                       length, n_keys, heads, group, scale, qk_scale,
                       LEAD: tl.constexpr, LEAD_PAD: tl.constexpr, D: tl.constexpr, HEAD_DIM: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    bh = tl.program_id(1)
-    b, h = bh // heads, bh % heads
-    kv_h = h // group
-    k_base, v_base = b * sk_b + kv_h * sk_h, b * sv_b + kv_h * sv_h
-    first = tl.program_id(0) * BLOCK_M
-    t = first + tl.arange(0, BLOCK_M)
-    in_range = t < length
+    bh, b, h, k_base, v_base, first, t, in_range = _query_block(heads, group, sk_b, sk_h, sv_b, sv_h, length,
+                                                                BLOCK_M)
     q = _tile(Q, b * sq_b + h * sq_h, t, in_range, D, HEAD_DIM, sq_l)
     do = _tile(DO, b * sdo_b + h * sdo_h, t, in_range, D, HEAD_DIM, sdo_l)
     delta = tl.sum(do.to(tl.float32) * _tile(O, b * so_b + h * so_h, t, in_range, D, HEAD_DIM, so_l).to(tl.float32),
@@ -206,8 +215,8 @@ def _bwd_query_kernel(DO, Q, K, V, O, LSE, KEYS, N_VISIBLE, DQ, DELTA,
         k_band, v_band = _key_value(K, V, k_base, v_base, s, s >= 0, D, HEAD_DIM, sk_l, sv_l)
         dq = _query_grad(q, k_band, v_band, do, lse2, delta, _band_seen(t, s, length, LEAD), dq, qk_scale,
                          PRECISION)
-    limit = tl.load(N_VISIBLE + t, mask=in_range, other=0)
-    for start in range(0, tl.load(N_VISIBLE + tl.minimum(first + BLOCK_M, length) - 1), BLOCK_N):
+    limit, most = _past_limits(N_VISIBLE, t, in_range, first, length, BLOCK_M)
+    for start in range(0, most, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)
         exists = j < n_keys
         pos = tl.load(KEYS + j, mask=exists, other=0)
@@ -353,8 +362,7 @@ def _fused_fwd(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, n_visible: Tensor,
     _fwd_kernel[(triton.cdiv(length, BLOCK_M), b * h)](
         q, k, v, keys, n_visible, out, lse, *_strides(q, k, v, out), length, keys.numel(), h, h // k.shape[1],
         scale * _LOG2E.value, LEAD=lead, LEAD_PAD=_tile_width(lead), D=_tile_width(d), HEAD_DIM=d, BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        PRECISION=_precision(q), num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        BLOCK_N=BLOCK_N, PRECISION=_precision(q), num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return out, lse
 
 
@@ -390,8 +398,7 @@ def _fused_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     _bwd_band_key_kernel[(triton.cdiv(length, BLOCK_N), b * kv_heads)](
         grad_out, q, k, v, lse, delta, key_slot, dk_past, dv_past, dk, dv, *_strides(grad_out, q, k, v),
         length, n_keys, h, kv_heads, scale, scale * _LOG2E.value, spans, GROUP=h // kv_heads,
-        LEAD_PAD=_tile_width(lead),
-        BLOCK_N=BLOCK_N, HAS_PAST=n_keys > 0, **common)
+        LEAD_PAD=_tile_width(lead), BLOCK_N=BLOCK_N, HAS_PAST=n_keys > 0, **common)
     return dq, dk, dv
 
 
