@@ -43,6 +43,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from attamba.config import ATTN_IMPLS
 from attamba.ops.chunk_flash import PhaseTable, chunk_flash_attention, phase_table
+from attamba.ops.chunking import past_boundaries
 
 if TYPE_CHECKING:
     from attamba.ops.chunk_triton import BoundaryTable
@@ -302,12 +303,8 @@ def _build_chunk_mask(contents: bytes, leading_tokens: int, device: torch.device
         return ChunkMask(boundary.to(device), leading_tokens, impl)
     length = boundary.shape[0]
     positions = torch.arange(length)
-    boundaries = boundary.nonzero().flatten()
-    # Boundaries are sorted, so the gathered keys query t sees (those before
-    # t - lead) are a prefix of them: its length is all the mask needs. Those in
-    # the last lead + 1 tokens are in every later query's band, so none is gathered.
-    n_visible = torch.searchsorted(boundaries, positions - leading_tokens)
-    boundaries = boundaries[: int(n_visible.max()) if length else 0]
+    # The gathered keys query t sees are a prefix of them: its length is all the mask needs.
+    boundaries, n_visible = past_boundaries(boundary, leading_tokens)
     n_gathered = -(-boundaries.numel() // _FLEX_BLOCK) * _FLEX_BLOCK
     # Padding keys copy token 0 and lie past every query's visible prefix, so
     # they are never seen (and get no gradient).

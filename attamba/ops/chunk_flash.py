@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attamba.ops.chunking import past_boundaries
+
 
 @dataclass(frozen=True)
 class PhaseTable:
@@ -50,9 +52,8 @@ class PhaseTable:
 def phase_table(boundary: torch.Tensor, lead: int, device: torch.device) -> PhaseTable:
     """The :class:`PhaseTable` of a bool ``[L]`` boundary layout (host work, done once per layout)."""
     length = boundary.shape[0]
-    boundaries = boundary.cpu().nonzero().flatten()
-    n_visible = torch.searchsorted(boundaries, torch.arange(length) - lead)
-    n = int(n_visible.max()) if length else 0
+    keys, n_visible = past_boundaries(boundary, lead)
+    n = keys.numel()
     seeing = (n_visible > 0).nonzero().flatten()
     groups = n_visible[seeing] - 1  # the folded index of each query that sees a boundary
     group_sizes = torch.bincount(groups, minlength=n)
@@ -68,7 +69,7 @@ def phase_table(boundary: torch.Tensor, lead: int, device: torch.device) -> Phas
     holds_query = torch.zeros(phases * n, dtype=torch.bool)
     holds_query[slot] = True
     padding_slots = (~holds_query).nonzero().flatten()
-    return PhaseTable(boundaries[:n].to(device), slots.to(device), fold_index.to(device), padding_slots.to(device),
+    return PhaseTable(keys.to(device), slots.to(device), fold_index.to(device), padding_slots.to(device),
                       phases, lead)
 
 

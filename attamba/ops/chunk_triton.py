@@ -36,6 +36,7 @@ from torch import Tensor
 
 from attamba.ops.band_triton import _strides, _unit_rows
 from attamba.ops.chunk_flash import joint_dtype
+from attamba.ops.chunking import past_boundaries
 
 # The best of nine configurations swept on the H200 at 1K x16 and 16K tokens (README).
 BLOCK_M = 64  # queries per program (and per step of a key program's walk over the past)
@@ -60,9 +61,7 @@ class BoundaryTable:
 def boundary_table(boundary: Tensor, lead: int, device: torch.device) -> BoundaryTable:
     """The :class:`BoundaryTable` of a bool ``[L]`` boundary layout (host work)."""
     length = boundary.shape[0]
-    boundaries = boundary.cpu().nonzero().flatten()
-    n_visible = torch.searchsorted(boundaries, torch.arange(length) - lead)
-    keys = boundaries[: int(n_visible.max()) if length else 0]
+    keys, n_visible = past_boundaries(boundary, lead)
     key_slot = torch.full((length,), -1, dtype=torch.long)
     key_slot[keys] = torch.arange(keys.numel())
     as_index = dict(device=device, dtype=torch.int32)

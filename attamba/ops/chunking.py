@@ -92,3 +92,17 @@ def chunk_starts(boundary: torch.Tensor) -> torch.Tensor:
     starts = torch.ones_like(boundary)
     starts[1:] = boundary[:-1]
     return starts
+
+
+def past_boundaries(boundary: torch.Tensor, lead: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The boundaries attention sees past the band (CPU host work, once per layout).
+
+    Query t sees boundary s as a past key iff ``s < t - lead``. Boundaries are sorted, so those
+    a query sees are a prefix of them: returns (the tokens of the boundaries some query sees,
+    long ``[n]``; how many of them each query sees, long ``[L]``). Boundaries in the last
+    ``lead + 1`` tokens are in every later query's band, so none of them is listed.
+    """
+    length = boundary.shape[0]
+    boundaries = boundary.cpu().nonzero().flatten()
+    n_visible = torch.searchsorted(boundaries, torch.arange(length) - lead)
+    return boundaries[: int(n_visible.max()) if length else 0], n_visible
