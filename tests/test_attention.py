@@ -347,18 +347,21 @@ def max_errors(actual, expected) -> list[float]:
 @needs_cuda
 @pytest.mark.parametrize("kv_heads", [8, 2])
 def test_chunk_fast_paths_bf16_at_16k_tokens(kv_heads):
-    """bf16 flash (its kernel, eager and compiled), bf16 flex and bf16 reference stray from fp32 alike."""
+    """bf16 flash and fused (their kernels, eager and compiled), bf16 flex and bf16 reference stray from
+    fp32 alike."""
     q, k, v, boundary = long_inputs(16384, torch.float32)
     k, v = (t.detach()[:, :kv_heads].clone().requires_grad_() for t in (k, v))
     exact = forward_backward(lambda *t: chunk_attention(*t, boundary, LONG["lead"], impl="reference"), q, k, v)
     half = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
     attend = {impl: functools.partial(chunk_attention, boundary=boundary, leading_tokens=LONG["lead"], impl=impl)
-              for impl in ("flash", "flex", "reference")}
-    flash_mask = chunk_mask(boundary, LONG["lead"], boundary.device, "flash")
-    attend["flash compiled"] = functools.partial(torch.compile(attend_chunks, fullgraph=True), mask=flash_mask)
+              for impl in ("flash", "fused", "flex", "reference")}
+    compiled = torch.compile(attend_chunks, fullgraph=True)
+    for impl in ("flash", "fused"):
+        mask = chunk_mask(boundary, LONG["lead"], boundary.device, impl)
+        attend[f"{impl} compiled"] = functools.partial(compiled, mask=mask)
     errors = {name: max_errors(forward_backward(fn, *half), exact) for name, fn in attend.items()}
     print(f"\nmax |bf16 - fp32 reference| (out, dq, dk, dv), {kv_heads} kv heads: {errors}")
-    for name in ("flash", "flash compiled", "flex"):
+    for name in ("flash", "flash compiled", "fused", "fused compiled", "flex"):
         for error, reference_error in zip(errors[name], errors["reference"]):
             assert error <= 2 * reference_error + 1e-3, name
 
