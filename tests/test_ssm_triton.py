@@ -63,7 +63,7 @@ def fused(table: TileTable):
 
 
 def assert_matches_reference(chunk_start: torch.Tensor, inputs: dict, rel: float, device="cpu",
-                             tile: int = 64) -> None:
+                             tile: int | None = None) -> None:
     """Forward and every gradient of the fused kernels vs the fp32 reference scan."""
     table = tile_table(chunk_start, tile).to(device)
     weight = torch.randn(inputs["x"].shape, device=device)
@@ -82,7 +82,7 @@ def assert_matches_reference(chunk_start: torch.Tensor, inputs: dict, rel: float
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("tile", [64, 32])
+@pytest.mark.parametrize("tile", [64, 32, 16])
 def test_tile_table_packs_whole_chunks_greedily(layout, tile):
     chunk_start = LAYOUTS[layout]
     table = tile_table(chunk_start, tile)
@@ -102,6 +102,12 @@ def test_tile_table_packs_whole_chunks_greedily(layout, tile):
     assert torch.equal(table.chunk_id, chunk_start.cumsum(0).int() - 1)
 
 
+@pytest.mark.parametrize("longest,tile", [(1, 16), (8, 16), (16, 16), (17, 32), (32, 32), (33, 64), (64, 64)])
+def test_tile_table_picks_the_smallest_tile_holding_the_longest_chunk(longest, tile):
+    chunk_start = starts_at(40 + longest, [*range(21), *range(20 + longest, 40 + longest)])  # one chunk `longest` long
+    assert tile_table(chunk_start).tile == tile
+
+
 def test_tile_table_none_for_a_chunk_longer_than_the_tile():
     assert tile_table(starts_at(65, [0])) is None
     assert tile_table(starts_at(130, [0, 64, 65])) is None  # [65, 130) is 65 tokens long
@@ -114,7 +120,7 @@ def test_tile_table_is_cached_per_layout_and_device():
     table = tile_table(uniform(100, 8))
     assert tile_table(uniform(100, 8)) is table
     assert table.to("cpu") is table
-    assert table.seq_len == 100 and table.n_tiles == 2
+    assert table.seq_len == 100 and table.tile == 16 and table.n_tiles == 7
 
 
 # ----------------------------------------------------------------------------- kernels (CPU: interpreter)
@@ -124,6 +130,12 @@ def test_tile_table_is_cached_per_layout_and_device():
 def test_matches_reference_forward_and_backward(layout):
     chunk_start = LAYOUTS[layout]
     assert_matches_reference(chunk_start, make_inputs(chunk_start.numel()), rel=1e-4)
+
+
+@pytest.mark.parametrize("tile", [16, 32, 64])
+def test_every_tile_size(tile):
+    chunk_start = LAYOUTS["shifted_P8"]
+    assert_matches_reference(chunk_start, make_inputs(chunk_start.numel()), rel=1e-4, tile=tile)
 
 
 def test_four_heads_per_group():

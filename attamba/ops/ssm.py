@@ -48,7 +48,7 @@ IMPLS = ("auto", "reference", "blockdiag", "ssd", "triton", "tiled")
 BLOCKDIAG_MAX_CHUNK = 64  # longest chunk `auto` sends to the block-diagonal path
 SSD_BLOCK = 64  # internal block length of the plain-PyTorch SSD
 TRITON_BLOCK = 64  # chunk_size handed to mamba_ssm's kernels
-TILE = 64  # tokens per tile of the `tiled` kernel: whole chunks packed together
+TILE = 64  # the longest chunk the `tiled` kernel takes (its largest tile; see ssm_triton.TILES)
 
 ScanResult = tuple[Tensor, Optional[Tensor]]
 
@@ -243,7 +243,7 @@ def _plan_from_bytes(key: bytes, device: torch.device, impl: str) -> ScanPlan:
     if chosen == "tiled":
         from attamba.ops.ssm_triton import tile_table
 
-        tiles = tile_table(chunk_start, TILE)
+        tiles = tile_table(chunk_start)
         if tiles is None:
             raise ValueError(f"model.ssm.impl='tiled' needs every chunk to be at most {TILE} tokens; "
                              f"use model.ssm.impl=auto")

@@ -6,8 +6,8 @@ chunk, so per head ``i`` (group ``g = i // (h // G)``) the scan is a decay-maske
     y_t = Σ_{s<=t, chunk(s)=chunk(t)} exp(cs_t - cs_s) (C_t·B_s) dt_s x_s + D_i x_t,
     cs_t = Σ_{m<=t} dt_m A_i                                  (a running sum; only differences matter)
 
-Tiling. `tile_table` packs consecutive whole chunks greedily into tiles of at most TILE (64)
-tokens, so no chunk crosses a tile and every tile is independent: one program per
+Tiling. `tile_table` packs consecutive whole chunks greedily into tiles of 16, 32 or 64 tokens
+(the smallest that holds the longest chunk), so no chunk crosses a tile and every tile is independent: one program per
 (tile, batch, group) loads the tile's B and C once, forms ``C Bᵀ`` [TILE, TILE], and loops over
 the group's h // G heads. The mask ``s <= t and chunk(s) = chunk(t)`` keeps the tile's chunks
 apart; slots past the tile's end are loaded as zeros and never stored. Every token belongs to
@@ -50,12 +50,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-TILE = 64  # tokens per tile: the longest chunk the fused kernels take
-# Picked from ptxas's register reports for sm_90, not from timings: one warpgroup matches the
-# 64-row tensor-core tiles and keeps the forward spill-free; the backward holds more [TILE, TILE]
-# fp32 tiles at once and spills less over 8 warps.
-FWD_WARPS = 4
-BWD_WARPS = 8
+TILES = (16, 32, 64)  # tile sizes (tokens) the kernels take: tl.dot's smallest M is 16
+TILE = TILES[-1]  # the longest chunk the fused kernels take
+# Warps per program (forward, backward) by tile size, timed on an H200 (bf16, 16 heads of 32, state
+# 32, 16K tokens, CUDA graphs): a tile's elementwise work grows with its size, so small tiles on one
+# warp each run the most programs at once. Tile 16 on 1/1 warps took 0.015/0.048 ms against tile
+# 64's 0.046/0.21 ms on the 4/8 warps picked earlier from ptxas's register reports.
+WARPS = {16: (1, 1), 32: (1, 1), 64: (2, 4)}
 
 
 # ----------------------------------------------------------------------------- tile table
@@ -96,25 +97,28 @@ class TileTable:
 
 
 @torch.compiler.disable
-def tile_table(chunk_start: Tensor, tile: int = TILE) -> Optional[TileTable]:
+def tile_table(chunk_start: Tensor, tile: Optional[int] = None) -> Optional[TileTable]:
     """The (cached, CPU) tile table of `chunk_start` (bool [L]), or None if a chunk is longer than `tile`.
 
+    tile is one of TILES; None picks the smallest that holds the longest chunk (the fastest).
     Reads chunk_start on the host: a sync when it lives on the GPU, so keep it on the CPU.
-    tile must be a power of two between 16 (the smallest tl.dot) and 64.
     """
-    if tile not in (16, 32, 64):
-        raise ValueError(f"tile_table: tile must be 16, 32 or 64, got {tile}")
+    if tile is not None and tile not in TILES:
+        raise ValueError(f"tile_table: tile must be one of {', '.join(map(str, TILES))}, got {tile}")
     return _tile_table(chunk_start.detach().to("cpu", torch.bool).numpy().tobytes(), tile)
 
 
 @functools.lru_cache(maxsize=128)
-def _tile_table(key: bytes, tile: int) -> Optional[TileTable]:
+def _tile_table(key: bytes, tile: Optional[int]) -> Optional[TileTable]:
     is_start = np.frombuffer(key, dtype=np.bool_).copy()
     is_start[0] = True
     length = is_start.size
     chunk_starts = np.flatnonzero(is_start)
     chunk_ends = np.append(chunk_starts[1:], length)
-    if (chunk_ends - chunk_starts).max() > tile:
+    longest = (chunk_ends - chunk_starts).max()
+    if tile is None:
+        tile = next((size for size in TILES if size >= longest), TILE)
+    if longest > tile:
         return None
     tile_starts = [0]
     for start, end in zip(chunk_starts.tolist(), chunk_ends.tolist()):
@@ -287,7 +291,7 @@ def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     y = x.new_empty(x.shape)
     _ssd_fwd_kernel[(starts.numel(), b, groups)](
         x, dt, A, B, C, D, y, starts, lengths, chunk_id, length, h, *_strides(x, dt, A, B, C, D),
-        P=p, N=n, TILE=tile, HEADS_PER_GROUP=h // groups, num_warps=FWD_WARPS,
+        P=p, N=n, TILE=tile, HEADS_PER_GROUP=h // groups, num_warps=WARPS[tile][0],
     )
     return y
 
@@ -310,7 +314,7 @@ def _ssd_bwd(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
     _ssd_bwd_kernel[(starts.numel(), b, groups)](
         dy, x, dt, A, B, C, D, starts, lengths, chunk_id, dx, ddt, dB, dC, dA_part, dD_part,
         length, h, *_strides(dy, x, dt, A, B, C, D), P=p, N=n, TILE=tile, HEADS_PER_GROUP=h // groups,
-        num_warps=BWD_WARPS,
+        num_warps=WARPS[tile][1],
     )
     dD = dD_part.sum(dim=(0, 1)).to(D.dtype if D is not None else torch.float32)
     return dx, ddt, dA_part.sum(dim=(0, 1)).to(A.dtype), dB, dC, dD
