@@ -108,6 +108,7 @@ def test_inputs_past_the_kernels_32_bit_offsets_are_refused_by_name():
 # Compiles the kernels for Hopper (sm_90) without a GPU: Triton's code generator and ptxas check
 # what its interpreter does not (loop-carried types, static branches, register allocation).
 _COMPILE_FOR_HOPPER = """
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -115,21 +116,26 @@ from attamba.ops import chunk_triton as ct
 
 pointers = {"KEYS": "*i32", "N_VISIBLE": "*i32", "KEY_SLOT": "*i32", "LSE": "*fp32", "DELTA": "*fp32",
             "DK_PAST": "*fp32", "DV_PAST": "*fp32"}
-head_dim, lead, group = CASE
+head_dim, lead, group, dtype = CASE
 constants = dict(D=ct._tile_width(head_dim), HEAD_DIM=head_dim, LEAD=lead, LEAD_PAD=ct._tile_width(lead),
-                 PRECISION="tf32", BLOCK_M=ct.BLOCK_M, BLOCK_N=ct.BLOCK_N, GROUP=group, HAS_PAST=True)
+                 PRECISION=ct._precision(getattr(torch, dtype)), BLOCK_M=ct.BLOCK_M, BLOCK_N=ct.BLOCK_N,
+                 GROUP=group, HAS_PAST=True)
+element = {"bfloat16": "*bf16", "float32": "*fp32"}[dtype]
 for kernel in (ct._fwd_kernel, ct._bwd_query_kernel, ct._bwd_past_key_kernel, ct._bwd_band_key_kernel):
     given = {name: value for name, value in constants.items() if name in kernel.arg_names}
-    signature = {name: "constexpr" if name in given else pointers.get(name, "*bf16") if name.isupper()
+    signature = {name: "constexpr" if name in given else pointers.get(name, element) if name.isupper()
                  else "fp32" if name.endswith("scale") else "i32" for name in kernel.arg_names}
     triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=given), target=GPUTarget("cuda", 90, 32),
                    options=dict(num_warps=ct.NUM_WARPS, num_stages=ct.NUM_STAGES))
 """
 
 
-@pytest.mark.parametrize("head_dim,lead,group", [(64, 8, 1), (24, 3, 2)], ids=["paper-model", "padded-gqa"])
-def test_kernels_compile_for_hopper_without_a_gpu(head_dim, lead, group):
+@pytest.mark.parametrize("head_dim,lead,group,dtype", [(64, 8, 1, "bfloat16"), (24, 3, 2, "bfloat16"),
+                                                      (64, 8, 1, "float32")],
+                         ids=["paper-model", "padded-gqa", "paper-model-fp32"])
+def test_kernels_compile_for_hopper_without_a_gpu(head_dim, lead, group, dtype):
     environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER.replace("CASE", repr((head_dim, lead, group)))],
+    program = _COMPILE_FOR_HOPPER.replace("CASE", repr((head_dim, lead, group, dtype)))
+    result = subprocess.run([sys.executable, "-c", program],
                             env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -322,9 +322,12 @@ def _bwd_band_key_kernel(DO, Q, K, V, LSE, DELTA, KEY_SLOT, DK_PAST, DV_PAST, DK
 # Launchers, as custom ops (opaque to torch.compile) with the backward as the forward's autograd formula
 
 
-def _precision(q: Tensor) -> str:
-    """fp32 inputs keep fp32 products (tensor cores would round them to tf32); half ones are exact anyway."""
-    return "ieee" if q.dtype == torch.float32 else "tf32"
+def _precision(dtype: torch.dtype) -> str:
+    """Products as accurate as the inputs: half ones are exact on tensor cores anyway; fp32 ones go
+    through three TF32 products (each operand split into its TF32 part and the remainder), which
+    keep fp32's accuracy and compile about four times faster than fp32 products without tensor cores
+    (``ieee``: ~49 s per case of four kernels at heads of 64, against ~11 s)."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _tile_width(n: int) -> int:
@@ -361,7 +364,7 @@ def _fused_fwd(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, n_visible: Tensor,
     _fwd_kernel[(triton.cdiv(length, BLOCK_M), b * h)](
         q, k, v, keys, n_visible, out, lse, *_strides(q, k, v, out), length, keys.numel(), h, h // k.shape[1],
         scale * _LOG2E.value, LEAD=lead, LEAD_PAD=_tile_width(lead), D=_tile_width(d), HEAD_DIM=d, BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N, PRECISION=_precision(q), num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        BLOCK_N=BLOCK_N, PRECISION=_precision(q.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return out, lse
 
 
@@ -383,7 +386,7 @@ def _fused_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     span, spans = _query_spans(length)
     dk_past = k.new_empty(spans, b, kv_heads, max(n_keys, 1), _tile_width(d), dtype=torch.float32)
     dv_past = torch.empty_like(dk_past)
-    common = dict(D=_tile_width(d), HEAD_DIM=d, LEAD=lead, PRECISION=_precision(q), num_warps=NUM_WARPS,
+    common = dict(D=_tile_width(d), HEAD_DIM=d, LEAD=lead, PRECISION=_precision(q.dtype), num_warps=NUM_WARPS,
                   num_stages=NUM_STAGES)
     _bwd_query_kernel[(triton.cdiv(length, BLOCK_M), b * h)](
         grad_out, q, k, v, out, lse, keys, n_visible, dq, delta, *_strides(grad_out, q, k, v, out),
