@@ -7,9 +7,9 @@ chunk, so per head ``i`` (group ``g = i // (h // G)``) the scan is a decay-maske
     cs_t = Σ_{m<=t} dt_m A_i                                  (a running sum; only differences matter)
 
 Tiling. `tile_table` packs consecutive whole chunks greedily into tiles of 16, 32 or 64 tokens
-(the smallest that holds the longest chunk), so no chunk crosses a tile and every tile is independent: one program per
-(tile, batch, group) loads the tile's B and C once, forms ``C Bᵀ`` [TILE, TILE], and loops over
-the group's h // G heads. The mask ``s <= t and chunk(s) = chunk(t)`` keeps the tile's chunks
+(the smallest that holds the longest chunk), so no chunk crosses a tile and every tile is
+independent: one program per (tile, batch, group) loads the tile's B and C once, forms ``C Bᵀ``
+[TILE, TILE], and loops over the group's h // G heads. The mask ``s <= t and chunk(s) = chunk(t)`` keeps the tile's chunks
 apart; slots past the tile's end are loaded as zeros and never stored. Every token belongs to
 exactly one tile, so each output element is written by exactly one program: no atomics, and
 results are deterministic. ``cs`` is a cumsum over the tile (at most 64 tokens, like mamba_ssm's
