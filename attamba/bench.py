@@ -7,7 +7,8 @@ per step, and reported with its ratio to it::
 
 Training steps are real (forward, backward, fused AdamW; bf16 autocast on GPU).
 Decoding prefills a context and times cached ``step`` calls. ``--attention`` adds
-the chunk-boundary attention op alone against full causal flash attention.
+the chunk-boundary attention op alone against full causal flash attention, ``--scan``
+the K/V SSMs' scan alone against its plain-PyTorch block-diagonal path.
 """
 
 from __future__ import annotations
@@ -265,6 +266,43 @@ def bench_attention(context: int, size: int, lead: int, device: torch.device, im
             "causal_flash_ms": full * 1e3, "speedup": full / chunk}
 
 
+def bench_scan(context: int, size: int, device: torch.device, impl: str = "auto", batch: int = 1,
+               repeats: int = 10) -> dict:
+    """The K/V SSMs' chunk-reset scan alone, fwd+bwd, vs the plain-PyTorch block-diagonal path.
+
+    One Attamba layer's scan in a training step of ``batch`` sequences: K's and V's 8 heads of 32
+    (16 heads, 2 B/C groups), state 32, layer 3 of 8's cyclic chunks of ``size``; x, B, C in bf16
+    and dt in fp32 as the model feeds them. Both paths are compiled on CUDA, with the layout
+    planned outside, as in a model.
+    """
+    from attamba.ops.chunking import boundary_mask, chunk_starts
+    from attamba.ops.ssm import plan_scan, scan
+
+    heads, head_dim, groups, state = 16, 32, 2, 32
+    half = torch.bfloat16 if device.type == "cuda" else torch.float32
+    starts = chunk_starts(boundary_mask(context, "cyclic", size, layer=3, n_layers=8))
+    inputs = [torch.randn(batch, context, heads, head_dim, device=device, dtype=half),
+              torch.nn.functional.softplus(torch.randn(batch, context, heads, device=device) - 2),
+              -torch.rand(heads, device=device) - 0.01,
+              torch.randn(batch, context, groups, state, device=device, dtype=half),
+              torch.randn(batch, context, groups, state, device=device, dtype=half),
+              torch.ones(heads, device=device)]
+    leaves = [t.requires_grad_() for t in inputs]
+
+    def timed(plan) -> float:
+        fn = torch.compile(scan) if device.type == "cuda" else scan
+
+        def fwd_bwd() -> None:
+            x, dt, A, B, C, D = leaves
+            fn(x, dt, A, B, C, plan, D=D).float().sum().backward()
+        return _timed(fwd_bwd, device, repeats, warmup=3)
+
+    plan = plan_scan(starts, device, impl)
+    ms, reference_ms = timed(plan) * 1e3, timed(plan_scan(starts, device, "blockdiag")) * 1e3
+    return {"context": context, "batch": batch, "scan_impl": plan.impl, "scan_ms": ms,
+            "blockdiag_ms": reference_ms, "speedup": reference_ms / ms}
+
+
 def markdown(rows: list[dict], columns: list[str]) -> str:
     def cell(value) -> str:
         if isinstance(value, float):
@@ -310,6 +348,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decode-compile", nargs="?", const=True, default=False, metavar="MODE",
                         help="torch.compile the decode step (optionally with MODE, e.g. max-autotune-no-cudagraphs)")
     parser.add_argument("--attention", type=int, nargs="*", default=[], help="contexts for the attention-only bench")
+    parser.add_argument("--scan", type=int, nargs="*", default=[],
+                        help="contexts for the scan-only bench (--ssm-impl against the PyTorch block-diagonal path)")
     parser.add_argument("--ddp", action="store_true",
                         help="data-parallel training under torchrun (one process per GPU): tokens/s and per-step "
                              "losses of the Attamba model, to compare with a one-process run")
@@ -361,9 +401,16 @@ def main(argv: list[str] | None = None) -> None:
         attention_rows.append({"context": context, **measured})
         _progress("attention", "chunk-vs-flash", attention_rows[-1])
 
+    scan_rows = []
+    for context in args.scan:
+        measured = _measure(lambda: bench_scan(context, args.chunk_size, device, args.ssm_impl,
+                                               max(1, args.tokens_per_step // context)))
+        scan_rows.append({"context": context, **measured})
+        _progress("scan", "scan-vs-blockdiag", scan_rows[-1])
+
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": _device_name(device),
               "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
-              "training": rows, "decoding": decode_rows, "attention": attention_rows}
+              "training": rows, "decoding": decode_rows, "attention": attention_rows, "scan": scan_rows}
     print(f"# attamba-bench on {report['device']} ({report['date']}, torch {torch.__version__})\n")
     if rows:
         print(markdown(rows, ["model", "context", "batch", "tokens_per_s", "speed_ratio", "step_ms", "host_ms",
@@ -375,6 +422,9 @@ def main(argv: list[str] | None = None) -> None:
     if attention_rows:
         print("\n" + markdown(attention_rows, ["context", "batch", "chunk_impl", "chunk_ms", "causal_flash_ms",
                                                 "speedup", "error"]))
+    if scan_rows:
+        print("\n" + markdown(scan_rows, ["context", "batch", "scan_impl", "scan_ms", "blockdiag_ms", "speedup",
+                                           "error"]))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
 

@@ -366,46 +366,6 @@ def test_chunk_fast_paths_bf16_at_16k_tokens(kv_heads):
             assert error <= 2 * reference_error + 1e-3, name
 
 
-def time_forward_backward(fn, q, k, v, repeats: int = 10) -> float:
-    """Milliseconds per forward + backward, after warm-up (compilation included there)."""
-    def step():
-        fn(q, k, v).backward(torch.ones_like(q))
-
-    for _ in range(3):
-        step()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeats):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
-
-
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("length", [16384, 65536])
-def test_print_attention_timings(length):
-    """Printed, not asserted: chunk attention (flash, flex) vs flash causal vs the dense-mask reference."""
-    q, k, v, boundary = long_inputs(length, torch.bfloat16)
-    attend = torch.compile(attend_chunks, fullgraph=True)  # as inside a compiled model: masks prepared outside
-    masks = {impl: chunk_mask(boundary, LONG["lead"], boundary.device, impl) for impl in ("flash", "flex")}
-    kernels = {
-        "chunk flash": lambda *t: attend(*t, masks["flash"]),
-        "chunk flex": lambda *t: attend(*t, masks["flex"]),
-        "causal flash": lambda *t: causal_attention(*t),
-        "chunk reference": lambda *t: chunk_attention(*t, boundary, LONG["lead"], impl="reference"),
-    }
-    print(f"\nfwd+bwd, L={length}, P={LONG['size']}, lead={LONG['lead']}, h={LONG['heads']}, d={LONG['dim']}, bf16:")
-    for name, fn in kernels.items():
-        try:
-            print(f"  {name:16s} {time_forward_backward(fn, q, k, v):8.2f} ms")
-        except torch.OutOfMemoryError:
-            print(f"  {name:16s} out of memory")
-        torch.cuda.empty_cache()
-
-
 # ---------------------------------------------------------------------------
 # What a compiled model keeps of the flash decomposition for its backward
 

@@ -42,6 +42,14 @@ def test_attention_bench_times_one_layer_of_a_training_step(tmp_path, impl):
     assert row["chunk_ms"] > 0 and row["causal_flash_ms"] > 0 and "error" not in row
 
 
+def test_scan_bench_times_one_layer_of_a_training_step(tmp_path):
+    out = tmp_path / "bench.json"
+    main([*TINY, "--contexts", "--scan", "64", "--tokens-per-step", "256", "--ssm-impl", "ssd", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["scan"]
+    assert (row["context"], row["batch"], row["scan_impl"]) == (64, 4, "ssd")
+    assert row["scan_ms"] > 0 and row["blockdiag_ms"] > 0 and "error" not in row
+
+
 def test_learnable_tokens_are_deterministic_per_step():
     first = learnable_tokens(4, 32, 100, step=3)
     assert torch.equal(first, learnable_tokens(4, 32, 100, step=3))

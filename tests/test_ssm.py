@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -254,38 +252,6 @@ def test_blockdiag_on_cuda_matches_reference(layout, compiled):
 @pytest.mark.parametrize("layout", GPU_LAYOUTS)
 def test_ssd_on_cuda_matches_reference(layout):
     assert_matches_reference(scan_fn("ssd"), layout, torch.float32, 1e-4)
-
-
-def time_fwd_bwd(fn, inputs: dict, repeats: int = 20) -> float:
-    """Median milliseconds of one forward + backward."""
-    params = leaves(inputs)
-    times = []
-    for i in range(repeats + 3):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn(**params).float().sum().backward()
-        torch.cuda.synchronize()
-        if i >= 3:
-            times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("size", [8, 64])
-def test_print_path_timings(size):
-    """Not an assertion: fwd+bwd milliseconds per path at the paper's fused K/V SSM size."""
-    torch._dynamo.config.recompile_limit = 64
-    chunk_start = uniform(1024, size)
-    inputs = make_inputs(1024, b=16, h=16, p=32, n=32, g=1, device="cuda", dtype=torch.bfloat16)
-    impls = ["blockdiag", "ssd"] + (["triton"] if triton_available() else [])
-    report = []
-    for impl in impls:
-        fn = lambda **t: chunk_scan(chunk_start=chunk_start, impl=impl, **t)  # noqa: E731
-        report.append(f"{impl}={time_fwd_bwd(fn, inputs):.2f}ms")
-        if impl != "triton":
-            report.append(f"{impl}+compile={time_fwd_bwd(torch.compile(fn), inputs):.2f}ms")
-    print(f"\nP={size} b=16 L=1024 h=16 p=32 n=32 fwd+bwd: " + " ".join(report))
 
 
 def test_fused_scan_off_cuda_names_the_setting(monkeypatch):

@@ -20,7 +20,7 @@ pytest.importorskip("triton", reason="the fused SSD kernels need triton (pip ins
 from attamba.ops.ssm import chunk_scan  # noqa: E402
 from attamba.ops.ssm_triton import TileTable, chunk_local_ssd, tile_table  # noqa: E402
 import test_ssm  # noqa: E402
-from test_ssm import assert_close_to_scale, starts_at, time_fwd_bwd, uniform  # noqa: E402
+from test_ssm import assert_close_to_scale, starts_at, uniform  # noqa: E402
 
 
 def random_lengths(length: int, longest: int, seed: int) -> torch.Tensor:
@@ -277,25 +277,6 @@ def test_cuda_real_size_compiled(dtype, rel):
     assert_close_to_scale(y, y_ref, rel, "y")
     for name in grads:
         assert_close_to_scale(grads[name], grads_ref[name], rel, f"d/d{name}")
-
-
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("size", [8, 64])
-def test_print_timings(size):
-    """Not an assertion: fwd+bwd milliseconds of the fused kernels vs blockdiag (run with -s)."""
-    chunk_start = uniform(1024, size)
-    table = tile_table(chunk_start).to("cuda")
-    inputs = make_inputs(1024, dtype=torch.bfloat16, **REAL_SIZE)
-    blockdiag = lambda **t: chunk_scan(chunk_start=chunk_start, impl="blockdiag", **t)  # noqa: E731
-    report = {
-        "fused": time_fwd_bwd(fused(table), inputs),
-        "fused+compile": time_fwd_bwd(torch.compile(fused(table)), inputs),
-        "blockdiag": time_fwd_bwd(blockdiag, inputs),
-        "blockdiag+compile": time_fwd_bwd(torch.compile(blockdiag), inputs),
-    }
-    print(f"\nP={size} b=16 L=1024 h=16 p=32 G=2 n=32 bf16 fwd+bwd: "
-          + " ".join(f"{name}={ms:.3f}ms" for name, ms in report.items()))
 
 
 # ----------------------------------------------------------------------------- in the model
