@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ATTAMBA_SHARED", REPO_ROOT.parent / "shared"))
 WIKITEXT2_TEST = SHARED / "data" / "wikitext-2" / "wiki.test.raw"
 PAPER_RUNS = SHARED / "data" / "attamba-paper-runs.tar.gz"
+
+
+@pytest.fixture
+def compile_without_interpreter():
+    """Runs a Python program that compiles Triton kernels for a GPU target (no GPU needed) outside
+    Triton's interpreter, and fails the test with its error: the code generator and ptxas check
+    what the interpreter does not."""
+    def run(program: str) -> None:
+        environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+        result = subprocess.run([sys.executable, "-c", program], env=environment, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return run
 
 
 @pytest.fixture(autouse=True)
