@@ -98,6 +98,17 @@ def _key_value(K, V, k_base, v_base, rows, valid, D: tl.constexpr, HEAD_DIM: tl.
 
 
 @triton.jit
+def _past_key_value(KEYS, K, V, k_base, v_base, start, n_keys, D: tl.constexpr, HEAD_DIM: tl.constexpr, sk_l,
+                    sv_l, BLOCK_N: tl.constexpr):
+    """Boundaries ``start .. start + BLOCK_N`` of the table: their indices j and their key and value tiles."""
+    j = start + tl.arange(0, BLOCK_N)
+    exists = j < n_keys
+    pos = tl.load(KEYS + j, mask=exists, other=0)
+    k, v = _key_value(K, V, k_base, v_base, pos, exists, D, HEAD_DIM, sk_l, sv_l)
+    return j, k, v
+
+
+@triton.jit
 def _attend(q, k, v, seen, row_max, row_sum, acc, qk_scale, PRECISION: tl.constexpr):
     """One key tile's step of the online softmax (base 2)."""
     score = tl.where(seen, tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, float("-inf"))
@@ -177,10 +188,7 @@ def _fwd_kernel(Q, K, V, KEYS, N_VISIBLE, O, LSE,
     # the past boundaries, up to the most any query here sees
     limit, most = _past_limits(N_VISIBLE, t, in_range, first, length, BLOCK_M)
     for start in range(0, most, BLOCK_N):
-        j = start + tl.arange(0, BLOCK_N)
-        exists = j < n_keys
-        pos = tl.load(KEYS + j, mask=exists, other=0)
-        k, v = _key_value(K, V, k_base, v_base, pos, exists, D, HEAD_DIM, sk_l, sv_l)
+        j, k, v = _past_key_value(KEYS, K, V, k_base, v_base, start, n_keys, D, HEAD_DIM, sk_l, sv_l, BLOCK_N)
         row_max, row_sum, acc = _attend(q, k, v, j[None, :] < limit[:, None], row_max, row_sum, acc, qk_scale,
                                         PRECISION)
     has_keys = row_sum > 0  # every query sees itself; only rows past the end see nothing
@@ -216,10 +224,7 @@ def _bwd_query_kernel(DO, Q, K, V, O, LSE, KEYS, N_VISIBLE, DQ, DELTA,
                          PRECISION)
     limit, most = _past_limits(N_VISIBLE, t, in_range, first, length, BLOCK_M)
     for start in range(0, most, BLOCK_N):
-        j = start + tl.arange(0, BLOCK_N)
-        exists = j < n_keys
-        pos = tl.load(KEYS + j, mask=exists, other=0)
-        k, v = _key_value(K, V, k_base, v_base, pos, exists, D, HEAD_DIM, sk_l, sv_l)
+        j, k, v = _past_key_value(KEYS, K, V, k_base, v_base, start, n_keys, D, HEAD_DIM, sk_l, sv_l, BLOCK_N)
         dq = _query_grad(q, k, v, do, lse2, delta, j[None, :] < limit[:, None], dq, qk_scale, PRECISION)
     dims = tl.arange(0, D)
     tl.store(DQ + bh * length * HEAD_DIM + t[:, None] * HEAD_DIM + dims[None, :],
@@ -235,11 +240,8 @@ def _bwd_past_key_kernel(DO, Q, K, V, LSE, DELTA, KEYS, N_VISIBLE, DK_PAST, DV_P
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     bh = tl.program_id(1)
     b, kv_h = bh // kv_heads, bh % kv_heads
-    j = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    exists = j < n_keys
-    pos = tl.load(KEYS + j, mask=exists, other=0)
-    k = _tile(K, b * sk_b + kv_h * sk_h, pos, exists, D, HEAD_DIM, sk_l)
-    v = _tile(V, b * sv_b + kv_h * sv_h, pos, exists, D, HEAD_DIM, sv_l)
+    j, k, v = _past_key_value(KEYS, K, V, b * sk_b + kv_h * sk_h, b * sv_b + kv_h * sv_h, tl.program_id(0) * BLOCK_N,
+                              n_keys, D, HEAD_DIM, sk_l, sv_l, BLOCK_N)
     # this program's share of the queries: its span, from the first query that sees the block's
     # first boundary (none before it sees any of them)
     span_start = tl.program_id(2) * span
@@ -261,8 +263,9 @@ def _bwd_past_key_kernel(DO, Q, K, V, LSE, DELTA, KEYS, N_VISIBLE, DK_PAST, DV_P
                                 j[:, None] < limit[None, :], dk, dv, qk_scale, PRECISION)
     dims = tl.arange(0, D)
     offsets = (tl.program_id(2) * tl.num_programs(1) + bh) * n_keys * D + j[:, None] * D + dims[None, :]
-    tl.store(DK_PAST + offsets, dk * scale, mask=exists[:, None])  # buffers keep the padded width
-    tl.store(DV_PAST + offsets, dv, mask=exists[:, None])
+    exists = (j < n_keys)[:, None]
+    tl.store(DK_PAST + offsets, dk * scale, mask=exists)  # buffers keep the padded width
+    tl.store(DV_PAST + offsets, dv, mask=exists)
 
 
 @triton.jit
