@@ -279,13 +279,13 @@ def bench_scan(context: int, size: int, device: torch.device, impl: str = "auto"
     from attamba.ops.ssm import plan_scan, scan
 
     heads, head_dim, groups, state = 16, 32, 2, 32
-    half = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the model's autocast dtype
     starts = chunk_starts(boundary_mask(context, "cyclic", size, layer=3, n_layers=8))
-    inputs = [torch.randn(batch, context, heads, head_dim, device=device, dtype=half),
+    inputs = [torch.randn(batch, context, heads, head_dim, device=device, dtype=dtype),
               torch.nn.functional.softplus(torch.randn(batch, context, heads, device=device) - 2),
               -torch.rand(heads, device=device) - 0.01,
-              torch.randn(batch, context, groups, state, device=device, dtype=half),
-              torch.randn(batch, context, groups, state, device=device, dtype=half),
+              torch.randn(batch, context, groups, state, device=device, dtype=dtype),
+              torch.randn(batch, context, groups, state, device=device, dtype=dtype),
               torch.ones(heads, device=device)]
     leaves = [t.requires_grad_() for t in inputs]
 
