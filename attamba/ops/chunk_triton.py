@@ -138,6 +138,17 @@ def _key_grads(k, v, q, do, lse2, delta, seen, dk, dv, qk_scale, PRECISION: tl.c
 
 
 @triton.jit
+def _key_grads_of_rows(k, v, Q, DO, LSE, DELTA, q_base, do_base, row_base, t, valid, seen, dk, dv, qk_scale,
+                       D: tl.constexpr, HEAD_DIM: tl.constexpr, sq_l, sdo_l, PRECISION: tl.constexpr):
+    """`_key_grads` for the queries ``t`` of one head, their tiles, log-sum-exps and δ loaded here."""
+    row = row_base + t
+    q = _tile(Q, q_base, t, valid, D, HEAD_DIM, sq_l)
+    do = _tile(DO, do_base, t, valid, D, HEAD_DIM, sdo_l)
+    lse2 = tl.load(LSE + row, mask=valid, other=0.0) * _LOG2E
+    return _key_grads(k, v, q, do, lse2, tl.load(DELTA + row, mask=valid, other=0.0), seen, dk, dv, qk_scale, PRECISION)
+
+
+@triton.jit
 def _band_seen(t, s, length, LEAD: tl.constexpr):
     """[queries, keys]: key s is in query t's band."""
     return (s[None, :] <= t[:, None]) & (s[None, :] >= t[:, None] - LEAD) & (s[None, :] >= 0) & (
@@ -255,12 +266,9 @@ def _bwd_past_key_kernel(DO, Q, K, V, LSE, DELTA, KEYS, N_VISIBLE, DK_PAST, DV_P
             t = start + tl.arange(0, BLOCK_M)
             in_range = t < last
             limit = tl.load(N_VISIBLE + t, mask=in_range, other=0)
-            row = (b * heads + h) * length + t
-            dk, dv = _key_grads(k, v, _tile(Q, b * sq_b + h * sq_h, t, in_range, D, HEAD_DIM, sq_l),
-                                _tile(DO, b * sdo_b + h * sdo_h, t, in_range, D, HEAD_DIM, sdo_l),
-                                tl.load(LSE + row, mask=in_range, other=0.0) * _LOG2E,
-                                tl.load(DELTA + row, mask=in_range, other=0.0),
-                                j[:, None] < limit[None, :], dk, dv, qk_scale, PRECISION)
+            dk, dv = _key_grads_of_rows(k, v, Q, DO, LSE, DELTA, b * sq_b + h * sq_h, b * sdo_b + h * sdo_h,
+                                        (b * heads + h) * length, t, in_range, j[:, None] < limit[None, :], dk, dv,
+                                        qk_scale, D, HEAD_DIM, sq_l, sdo_l, PRECISION)
     dims = tl.arange(0, D)
     offsets = (tl.program_id(2) * tl.num_programs(1) + bh) * n_keys * D + j[:, None] * D + dims[None, :]
     exists = (j < n_keys)[:, None]
@@ -287,25 +295,19 @@ def _bwd_band_key_kernel(DO, Q, K, V, LSE, DELTA, KEY_SLOT, DK_PAST, DV_PAST, DK
     for member in tl.static_range(GROUP):
         h = kv_h * GROUP + member
         q_base, do_base = b * sq_b + h * sq_h, b * sdo_b + h * sdo_h
+        row_base = (b * heads + h) * length
         # the queries of this block's own tokens, then the LEAD_PAD after them
         t = first + tl.arange(0, BLOCK_N)
         valid = t < length
-        row = (b * heads + h) * length + t
-        dk, dv = _key_grads(k, v, _tile(Q, q_base, t, valid, D, HEAD_DIM, sq_l),
-                            _tile(DO, do_base, t, valid, D, HEAD_DIM, sdo_l),
-                            tl.load(LSE + row, mask=valid, other=0.0) * _LOG2E,
-                            tl.load(DELTA + row, mask=valid, other=0.0),
-                            tl.trans(_band_seen(t, s, length, LEAD)) & valid[None, :], dk, dv, qk_scale, PRECISION)
+        dk, dv = _key_grads_of_rows(k, v, Q, DO, LSE, DELTA, q_base, do_base, row_base, t, valid,
+                                    tl.trans(_band_seen(t, s, length, LEAD)) & valid[None, :], dk, dv, qk_scale,
+                                    D, HEAD_DIM, sq_l, sdo_l, PRECISION)
         if LEAD > 0:
             t = first + BLOCK_N + tl.arange(0, LEAD_PAD)
             valid = t < length
-            row = (b * heads + h) * length + t
-            dk, dv = _key_grads(k, v, _tile(Q, q_base, t, valid, D, HEAD_DIM, sq_l),
-                                _tile(DO, do_base, t, valid, D, HEAD_DIM, sdo_l),
-                                tl.load(LSE + row, mask=valid, other=0.0) * _LOG2E,
-                                tl.load(DELTA + row, mask=valid, other=0.0),
-                                tl.trans(_band_seen(t, s, length, LEAD)) & valid[None, :], dk, dv, qk_scale,
-                                PRECISION)
+            dk, dv = _key_grads_of_rows(k, v, Q, DO, LSE, DELTA, q_base, do_base, row_base, t, valid,
+                                        tl.trans(_band_seen(t, s, length, LEAD)) & valid[None, :], dk, dv, qk_scale,
+                                        D, HEAD_DIM, sq_l, sdo_l, PRECISION)
     dk *= scale
     dims = tl.arange(0, D)
     if HAS_PAST:  # boundary keys add what the queries past their band gave them, span by span
