@@ -15,7 +15,8 @@ import torch
 pytest.importorskip("triton", reason="the fused SSD kernels need triton (pip install triton)")
 
 from attamba.ops.ssm import chunk_scan  # noqa: E402
-from attamba.ops.ssm_triton import TileTable, chunk_local_ssd, tile_table  # noqa: E402
+from attamba.ops.conv import chunked_causal_conv, offset_in_chunk  # noqa: E402
+from attamba.ops.ssm_triton import ChunkConv, TileTable, chunk_local_ssd, tile_table  # noqa: E402
 import test_ssm  # noqa: E402
 from test_ssm import assert_close_to_scale, starts_at, uniform  # noqa: E402
 
@@ -62,14 +63,50 @@ def fused(table: TileTable):
     return lambda **t: chunk_local_ssd(table=table, **t)
 
 
+CONV = ("x_weight", "x_bias", "B_weight", "B_bias", "C_weight", "C_bias")
+
+
+def with_conv(length: int, width: int = 4, **shapes) -> dict:
+    """`make_inputs` plus what the kernels fuse in front of the scan: the conv's weights and biases
+    (x's channels [h, p], B's and C's [g, n]) and dt_bias, with dt before its softplus (any sign)."""
+    inputs = make_inputs(length, **shapes)
+    (b, _, h, p), (g, n), device = inputs["x"].shape, inputs["B"].shape[-2:], inputs["A"].device
+    channels = {"x": (h, p), "B": (g, n), "C": (g, n)}
+    for name, shape in channels.items():
+        inputs[f"{name}_weight"] = torch.randn(*shape, width, device=device) * 0.5
+        inputs[f"{name}_bias"] = torch.randn(*shape, device=device) * 0.5
+    inputs["dt"] = torch.randn(b, length, h, device=device) * 2
+    inputs["dt_bias"] = torch.randn(h, device=device)
+    return inputs
+
+
+def fused_with_conv(table: TileTable):
+    def run(x, dt, A, B, C, D, dt_bias, **conv):
+        return chunk_local_ssd(x, dt, A, B, C, D, table, ChunkConv(**conv), dt_bias)
+    return run
+
+
+def reference_with_conv(chunk_start: torch.Tensor):
+    """The chunked conv + SiLU and softplus in plain PyTorch, then the reference scan."""
+    def run(x, dt, A, B, C, D, dt_bias, **conv):
+        offset = offset_in_chunk(chunk_start).to(x.device)
+        x, B, C = (chunked_causal_conv(t, conv[f"{name}_weight"], conv[f"{name}_bias"], offset)
+                   for name, t in (("x", x), ("B", B), ("C", C)))
+        dt = torch.nn.functional.softplus(dt + dt_bias)
+        return chunk_scan(x, dt, A, B, C, chunk_start=chunk_start, D=D, impl="reference")
+    return run
+
+
 def assert_matches_reference(chunk_start: torch.Tensor, inputs: dict, rel: float, device="cpu",
                              tile: int | None = None) -> None:
-    """Forward and every gradient of the fused kernels vs the fp32 reference scan."""
+    """Forward and every gradient of the fused kernels vs the fp32 reference scan (with the conv
+    and the softplus when `inputs` has their weights)."""
     table = tile_table(chunk_start, tile).to(device)
     weight = torch.randn(inputs["x"].shape, device=device)
-    y, grads = outputs_and_grads(fused(table), inputs, weight)
+    conv = "x_weight" in inputs
+    y, grads = outputs_and_grads((fused_with_conv if conv else fused)(table), inputs, weight)
     as_fp32 = {name: t.float() if t is not None else None for name, t in inputs.items()}
-    y_ref, grads_ref = outputs_and_grads(reference(chunk_start), as_fp32, weight)
+    y_ref, grads_ref = outputs_and_grads((reference_with_conv if conv else reference)(chunk_start), as_fp32, weight)
     assert y.dtype == inputs["x"].dtype
     assert_close_to_scale(y, y_ref, rel, "y")
     assert grads.keys() == grads_ref.keys()
@@ -179,38 +216,105 @@ def test_half_precision_operands():
     assert_matches_reference(chunk_start, make_inputs(chunk_start.numel(), dtype=torch.float16), rel=1e-2)
 
 
-def test_custom_op_registrations():
+@pytest.mark.parametrize("conv", [False, True], ids=["scan", "conv-scan"])
+def test_custom_op_registrations(conv):
     """Schema, fake (meta) kernels and autograd formula, as torch.compile and AOTAutograd use them."""
     chunk_start = LAYOUTS["shifted_P8"]
     table = tile_table(chunk_start)
-    inputs = {name: t.requires_grad_() for name, t in make_inputs(chunk_start.numel(), b=1).items()}
-    args = (*inputs.values(), table.starts, table.lengths, table.chunk_id, table.tile)
+    length = chunk_start.numel()
+    inputs = {name: t.requires_grad_() for name, t in (with_conv if conv else make_inputs)(length, b=1).items()}
+    x, dt = inputs["x"].unflatten(2, (2, -1)), inputs["dt"].unflatten(2, (2, -1))  # heads grouped as B's groups
+    optional = [inputs.get(name) for name in ("D", "dt_bias", *CONV)]
+    args = (x, dt, inputs["A"], inputs["B"], inputs["C"], *optional, table.starts, table.lengths, table.chunk_id,
+            table.tile)
     torch.library.opcheck(torch.ops.attamba.chunk_local_ssd_fwd.default, args)
 
 
-# Compiles the kernels for Hopper (sm_90) without a GPU, as the model runs them (bf16 x, B, C; fp32 dt):
-# Triton's code generator and ptxas check what its interpreter does not (loop-carried types, layouts).
+# ----------------------------------------------------------------------------- with the conv and softplus fused
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_conv_and_softplus_fused_match_the_reference(layout):
+    chunk_start = LAYOUTS[layout]
+    assert_matches_reference(chunk_start, with_conv(chunk_start.numel()), rel=1e-4)
+
+
+@pytest.mark.parametrize("width", [2, 3])
+def test_narrower_convs(width):
+    chunk_start = LAYOUTS["shifted_P8"]
+    assert_matches_reference(chunk_start, with_conv(chunk_start.numel(), width=width, h=8, g=2), rel=1e-4)
+
+
+def test_conv_fused_with_half_precision_operands():
+    chunk_start = LAYOUTS["random_1_40"]
+    assert_matches_reference(chunk_start, with_conv(chunk_start.numel(), dtype=torch.float16), rel=1e-2)
+
+
+def test_conv_fused_from_views_of_one_projection():
+    """As the model calls it: x [b, L, g, h/g, p], B, C and dt [b, L, g, h/g] all views of one
+    per-group projection [b, L, g, h/g*p + 2n + h/g]; the gradient reaches it through the views."""
+    chunk_start = LAYOUTS["uniform_P8"]
+    b, length, g, r, p, n = 2, chunk_start.numel(), 2, 2, 16, 16
+    proj = torch.randn(b, length, g, r * p + 2 * n + r, requires_grad=True)
+    params = {name: t for name, t in with_conv(length, b=b, h=g * r, p=p, g=g, n=n).items()
+              if name not in ("x", "dt", "B", "C")}
+
+    def split(fn, grouped: bool):
+        x, B, C, dt = proj.split([r * p, n, n, r], dim=-1)
+        x = x.unflatten(-1, (r, p))
+        x, dt = (x, dt) if grouped else (x.flatten(2, 3), dt.flatten(2, 3))
+        y = fn(x=x, dt=dt, B=B, C=C, **params)
+        return y, torch.autograd.grad((y * torch.arange(y.numel()).view(y.shape).cos()).sum(), proj)[0]
+
+    y, grad = split(fused_with_conv(tile_table(chunk_start)), grouped=True)
+    y_ref, grad_ref = split(reference_with_conv(chunk_start), grouped=False)
+    assert_close_to_scale(y, y_ref, 1e-4, "y")
+    assert_close_to_scale(grad, grad_ref, 1e-4, "d/dproj")
+
+
+def test_conv_width_is_checked_by_name():
+    chunk_start = uniform(32, 8)
+    inputs = with_conv(32, width=5)
+    with pytest.raises(ValueError, match="model.ssm.conv"):
+        fused_with_conv(tile_table(chunk_start))(**inputs)
+
+
+# Compiles the kernels for Hopper (sm_90) without a GPU, as the model runs them (bf16 inputs, with and
+# without the fused conv): Triton's code generator and ptxas check what its interpreter does not
+# (loop-carried types, layouts).
 _COMPILE_FOR_HOPPER = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from attamba.ops import ssm_triton as st
 
-tile = CASE
-fp32 = {"dt_ptr", "ddt_ptr", "A_ptr", "D_ptr", "dA_part_ptr", "dD_part_ptr"}
-tables = {"starts_ptr", "lengths_ptr", "chunk_id_ptr"}
-constants = dict(P=32, N=32, TILE=tile, HEADS_PER_GROUP=8)
+conv, tile = CASE
+fp32 = {"A_ptr", "D_ptr", "dt_bias_ptr", "head_part_ptr"}
+optional = {"dt_bias_ptr", "wx_ptr", "bx_ptr", "wB_ptr", "bB_ptr", "wC_ptr", "bC_ptr", "dwx_part_ptr", "dbx_part_ptr",
+            "dwB_part_ptr", "dbB_part_ptr", "dwC_part_ptr", "dbC_part_ptr"}
+constants = dict(P=32, N=32, TILE=tile, HEADS_PER_GROUP=8, WIDTH=4 if conv else 0)
 for kernel, warps in ((st._ssd_fwd_kernel, st.WARPS[tile][0]), (st._ssd_bwd_kernel, st.WARPS[tile][1])):
-    signature = {name: "constexpr" if name in constants else "*i32" if name in tables else "*fp32" if name in fp32
-                 else "*bf16" if name.endswith("_ptr") else "i32" for name in kernel.arg_names}
-    triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants), target=GPUTarget("cuda", 90, 32),
+    given = dict(constants)
+    if not conv:
+        given.update({name: None for name in optional if name in kernel.arg_names})
+    signature = {}
+    for name in kernel.arg_names:
+        if name in given:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            is_fp32 = name in fp32 or name in optional or "part" in name
+            table = name[:-4] in ("starts", "lengths", "chunk_id")
+            signature[name] = "*i32" if table else "*fp32" if is_fp32 else "*bf16"
+        else:
+            signature[name] = "i32"
+    triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=given), target=GPUTarget("cuda", 90, 32),
                    options=dict(num_warps=warps))
 """
 
 
-@pytest.mark.parametrize("tile", [16, 32, 64])
-def test_kernels_compile_for_hopper_without_a_gpu(tile, compile_without_interpreter):
-    compile_without_interpreter(_COMPILE_FOR_HOPPER.replace("CASE", str(tile)))
+@pytest.mark.parametrize("conv,tile", [(True, 16), (True, 32), (True, 64), (False, 16)])
+def test_kernels_compile_for_hopper_without_a_gpu(conv, tile, compile_without_interpreter):
+    compile_without_interpreter(_COMPILE_FOR_HOPPER.replace("CASE", repr((conv, tile))))
 
 
 def test_traces_into_one_graph():

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from attamba.config import ModelConfig, SSMConfig
 from attamba.models.layers import truncated_normal_
 from attamba.ops.conv import chunked_causal_conv, conv_step
-from attamba.ops.ssm import ScanPlan, plan_scan, scan, ssm_step
+from attamba.ops.ssm import ScanPlan, plan_scan, scan, ssm_step, tiled_widths
 
 
 @dataclass
@@ -123,6 +123,30 @@ class SSMBlock(nn.Module):
         A = -torch.exp(self.A_log.float())
         return x, dt, A, B, C
 
+    def _conv_fuses_into_scan(self, plan: ScanPlan, return_state: bool) -> bool:
+        """Whether the `tiled` kernels run the conv and dt's softplus themselves (they keep no state)."""
+        return (plan.impl == "tiled" and self.cfg.conv > 0 and not return_state
+                and (plan.requested == "tiled" or tiled_widths(self.cfg.head_dim, self.cfg.state_dim)))
+
+    def _fused_conv_scan(self, u: torch.Tensor, plan: ScanPlan) -> torch.Tensor:
+        """The scan's output [b, L, S*H, p] straight from the projection: the kernels apply the chunked
+        conv + SiLU to [x, B, C] and softplus(dt + dt_bias) as they load them, and rerun both in the
+        backward, so neither is written to memory."""
+        from attamba.ops.ssm_triton import ChunkConv, chunk_local_ssd
+
+        hidden, state, heads = self.cfg.hidden, self.cfg.state_dim, self.cfg.heads
+        xbc, dt = self._conv_and_dt_inputs(u)  # [b, L, S, conv_width], [b, L, S, heads]: views of one projection
+        x, B, C = xbc.split([hidden, state, state], dim=-1)
+        per_stream = (self.streams, self.conv_width)
+        weights = self.conv_weight.unflatten(0, per_stream).split([hidden, state, state], dim=1)
+        biases = self.conv_bias.unflatten(0, per_stream).split([hidden, state, state], dim=1)
+        by_head = (heads, self.cfg.head_dim)  # x's channels [S, hidden] as [S*H, p]
+        conv = ChunkConv(weights[0].unflatten(1, by_head).flatten(0, 1), biases[0].unflatten(1, by_head).flatten(0, 1),
+                         weights[1], biases[1], weights[2], biases[2])
+        with torch.autocast(u.device.type, enabled=False):
+            return chunk_local_ssd(x.unflatten(-1, by_head), dt, -torch.exp(self.A_log.float()), B, C,
+                                   self.D.float(), plan.tiles, conv=conv, dt_bias=self.dt_bias.float())
+
     def _output(self, normed: torch.Tensor) -> torch.Tensor:
         """out_proj per stream: [..., S, hidden] -> [..., S, d_out]"""
         return torch.einsum("...sh,soh->...so", normed, self.out_proj)
@@ -150,10 +174,13 @@ class SSMBlock(nn.Module):
         # The input projection, the conv and the gated norm rerun in the backward from u (which the
         # caller keeps anyway) and the scan's output: only the scan's own inputs and y are kept.
         b, L = u.shape[:2]
-        xbc, dt = _rerun_in_backward(self._conv_and_dt, u, plan.offset_in_chunk)
-        x, dt, A, B, C = self._scan_inputs(xbc, dt)
-        scanned = scan(x, dt, A, B, C, plan, D=self.D.float(), return_final_state=return_state)
-        y, final_state = scanned if return_state else (scanned, None)
+        if self._conv_fuses_into_scan(plan, return_state):
+            y, final_state = self._fused_conv_scan(u, plan), None
+        else:
+            xbc, dt = _rerun_in_backward(self._conv_and_dt, u, plan.offset_in_chunk)
+            x, dt, A, B, C = self._scan_inputs(xbc, dt)
+            scanned = scan(x, dt, A, B, C, plan, D=self.D.float(), return_final_state=return_state)
+            y, final_state = scanned if return_state else (scanned, None)
         y = y.reshape(b, L, self.streams, self.cfg.hidden)
         out = self._output(_rerun_in_backward(self._gated_norm_of_input, y, u))
         if not return_state:

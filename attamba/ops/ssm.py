@@ -99,7 +99,8 @@ def scan(
     """
     _check_scan_inputs(x, dt, A, B, C, plan.chunk_start, D)
     impl = plan.impl
-    if impl == "tiled" and (return_final_state or (plan.requested == "auto" and not tiled_shapes(x, B))):
+    if impl == "tiled" and (return_final_state or (plan.requested == "auto"
+                                                   and not tiled_widths(x.shape[-1], B.shape[-1]))):
         impl = "blockdiag"  # the fused kernel keeps no state (prefill) and needs power-of-two widths
     with torch.autocast(x.device.type, enabled=False):
         if impl == "tiled":
@@ -179,9 +180,9 @@ def tiled_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 
 
-def tiled_shapes(x: Tensor, B: Tensor) -> bool:
-    """Whether the `tiled` kernel takes these widths (head and state widths powers of two >= 16)."""
-    return all(width >= 16 and width & (width - 1) == 0 for width in (x.shape[-1], B.shape[-1]))
+def tiled_widths(head_dim: int, state_dim: int) -> bool:
+    """Whether the `tiled` kernel takes these widths (powers of two >= 16)."""
+    return all(width >= 16 and width & (width - 1) == 0 for width in (head_dim, state_dim))
 
 
 # ----------------------------------------------------------------------------- layouts and plans
