@@ -169,11 +169,7 @@ def bench_ddp(model_cfg: ModelConfig, chunking: ChunkingConfig, context: int, gl
     torch.manual_seed(0)
     model = build_model(model_cfg, chunking).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
-    step_model: torch.nn.Module = NextTokenLoss(model)
-    if info.enabled:
-        step_model = torch.nn.parallel.DistributedDataParallel(
-            step_model, device_ids=[device.index] if device.type == "cuda" else None)
-    step_model = _compiled(step_model, compile_model)
+    step_model = _compiled(distributed.data_parallel(NextTokenLoss(model), info, device), compile_model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     losses = []
     batches = [learnable_tokens(global_batch, context + 1, model_cfg.vocab_size, step)[info.rank::info.world_size]

@@ -49,6 +49,14 @@ def init(info: DistInfo, device: torch.device) -> None:
     dist.init_process_group(backend, rank=info.rank, world_size=info.world_size)
 
 
+def data_parallel(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
+    """``model`` in DDP (one device per rank) when there are several ranks, else ``model`` itself."""
+    if not info.enabled:
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.barrier()

@@ -209,10 +209,8 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
             distributed.shutdown()
             return state["final"]
 
-    train_model: torch.nn.Module = NextTokenLoss(model)  # compiled with the model: see NextTokenLoss
-    if dist_info.enabled:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    # compiled with the model: see NextTokenLoss
+    train_model = distributed.data_parallel(NextTokenLoss(model), dist_info, device)
     if config.train.compile:
         train_model = compile_for_training(train_model, config.train.compile_mode)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
