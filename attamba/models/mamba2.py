@@ -171,8 +171,9 @@ class SSMBlock(nn.Module):
         return self._forward(u, plan, return_state)
 
     def _forward(self, u: torch.Tensor, plan: ScanPlan, return_state: bool = False):
-        # The input projection, the conv and the gated norm rerun in the backward from u (which the
-        # caller keeps anyway) and the scan's output: only the scan's own inputs and y are kept.
+        # Kept for the backward: u (which the caller keeps anyway), the scan's inputs and its output y.
+        # The gated norm and its gate's projection rerun from y and u. The conv reruns inside the tiled
+        # kernels when they take it (their inputs are the projection itself), else from u with the projection.
         b, L = u.shape[:2]
         if self._conv_fuses_into_scan(plan, return_state):
             y, final_state = self._fused_conv_scan(u, plan), None
