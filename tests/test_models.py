@@ -154,6 +154,25 @@ def test_fast_attention_paths_match_the_reference_in_the_model(strategy, attn_im
         torch.testing.assert_close(fast.grad, slow.grad, atol=1e-6, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("strategy", ["cyclic", "random"])
+def test_tiled_scan_with_its_fused_conv_matches_the_reference_in_the_model(strategy):
+    """``ssm.impl=tiled`` (Triton's interpreter on CPU), whose kernels also run the chunked conv and dt's
+    softplus from the projection, inside the whole model, forward and backward."""
+    ssm = SSMConfig(state_dim=16, hidden=32, heads=2, conv=4)  # widths of 16: the kernels' tl.dot minimum
+    models = {}
+    for impl in ("reference", "tiled"):
+        torch.manual_seed(0)
+        config = dataclasses.replace(tiny("attamba"), ssm=dataclasses.replace(ssm, impl=impl))
+        models[impl] = build_model(config, ChunkingConfig(strategy=strategy, size=4, leading_tokens=3))
+    tokens = torch.randint(0, 97, (2, 37))
+    logits = {impl: model(tokens) for impl, model in models.items()}
+    torch.testing.assert_close(logits["tiled"], logits["reference"], atol=1e-5, rtol=1e-5)
+    for impl in models:
+        logits[impl].square().mean().backward()
+    for (name, fast), slow in zip(models["tiled"].named_parameters(), models["reference"].parameters()):
+        torch.testing.assert_close(fast.grad, slow.grad, atol=1e-6, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("strategy", ["cyclic", "random"])
 @pytest.mark.parametrize("ssm_impl", ["auto", "triton", "tiled"])
