@@ -8,7 +8,8 @@ per step, and reported with its ratio to it::
 Training steps are real (forward, backward, fused AdamW; bf16 autocast on GPU).
 Decoding prefills a context and times cached ``step`` calls. ``--attention`` adds
 the chunk-boundary attention op alone against full causal flash attention, ``--scan``
-the K/V SSMs' scan alone against its plain-PyTorch block-diagonal path.
+the K/V SSMs alone: their scan against its plain-PyTorch block-diagonal path, and their whole
+block against the transformer's key and value projections.
 """
 
 from __future__ import annotations
@@ -288,20 +289,70 @@ def bench_scan(context: int, size: int, device: torch.device, impl: str = "auto"
     def timed(plan) -> float:
         def layer_scan(x, dt, A, B, C, D):
             return scan(x, dt, A, B, C, plan, D=D)
-        if device.type == "cuda":
-            # Forward and backward each replay one CUDA graph, as a `reduce-overhead` training step
-            # runs them: the kernels' time, not Python's launches.
-            layer_scan = torch.cuda.make_graphed_callables(torch.compile(layer_scan), tuple(leaves))
-        grad = torch.ones_like(leaves[0])
-
-        def fwd_bwd() -> None:
-            layer_scan(*leaves).backward(grad)
-        return _timed(fwd_bwd, device, repeats, warmup=3)
+        return _fwd_bwd_seconds(layer_scan, leaves, device, repeats)
 
     plan = plan_scan(starts, device, impl)
     ms, reference_ms = timed(plan) * 1e3, timed(plan_scan(starts, device, "blockdiag")) * 1e3
     return {"context": context, "batch": batch, "scan_impl": plan.impl, "scan_ms": ms,
             "blockdiag_ms": reference_ms, "speedup": reference_ms / ms}
+
+
+def bench_kv_block(context: int, size: int, device: torch.device, impl: str = "auto", batch: int = 1,
+                   repeats: int = 50) -> dict:
+    """One Attamba layer's K/V SSM block alone, fwd+bwd, against what the transformer computes in its place.
+
+    The paper's block (K's and V's projection, chunked conv, scan, gated norm, out_proj) from the layer's
+    input u [batch, context, 512], with the scan ``impl`` and then ``blockdiag``, against the transformer's
+    two 512 -> 512 key and value projections of the same u; bf16 autocast on CUDA, compiled and timed as
+    CUDA graphs there (see `_fwd_bwd_seconds`). Layer 3 of 8's cyclic chunks of ``size``.
+    """
+    from attamba.models.mamba2 import SSMBlock
+    from attamba.ops.chunking import boundary_mask, chunk_starts
+    from attamba.ops.ssm import plan_scan
+
+    config, _ = paper_models(256, "cyclic", size, 0, ssm_impl=impl)["transformer"]  # both models' dim and SSM
+    block = SSMBlock(config.ssm, config.dim, config.dim, streams=2).to(device)
+    block.reset_parameters(std=0.02, depth_factor=1.0)
+    wk, wv = (torch.nn.Linear(config.dim, config.dim, bias=False).to(device) for _ in range(2))
+    u = torch.randn(batch, context, config.dim, device=device, requires_grad=True)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False)
+    starts = chunk_starts(boundary_mask(context, "cyclic", size, layer=3, n_layers=8))
+
+    def block_ms(plan) -> float:
+        names = [name for name, _ in block.named_parameters()]
+
+        def keys_values(u, *weights):
+            with autocast:
+                return torch.func.functional_call(block, dict(zip(names, weights)), (u, plan))
+        return _fwd_bwd_seconds(keys_values, [u, *block.parameters()], device, repeats) * 1e3
+
+    def projections(u, k_weight, v_weight):
+        with autocast:
+            return torch.nn.functional.linear(u, k_weight), torch.nn.functional.linear(u, v_weight)
+
+    plan = plan_scan(starts, device, impl)
+    ms, blockdiag_ms = block_ms(plan), block_ms(plan_scan(starts, device, "blockdiag"))
+    projections_ms = _fwd_bwd_seconds(projections, [u, wk.weight, wv.weight], device, repeats) * 1e3
+    return {"context": context, "batch": batch, "scan_impl": plan.impl, "block_ms": ms,
+            "block_blockdiag_ms": blockdiag_ms, "kv_projections_ms": projections_ms,
+            "block_over_projections": ms / projections_ms}
+
+
+def _fwd_bwd_seconds(fn: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], leaves: list[torch.Tensor],
+                     device: torch.device, repeats: int) -> float:
+    """Seconds per forward and backward of ``fn(*leaves)`` (every leaf requires grad).
+
+    On CUDA ``fn`` is compiled, and its forward and backward each replay one CUDA graph, as a
+    `reduce-overhead` training step runs them: the kernels' time, not Python's launches.
+    """
+    if device.type == "cuda":
+        fn = torch.cuda.make_graphed_callables(torch.compile(fn), tuple(leaves))
+
+    def outputs() -> tuple[torch.Tensor, ...]:
+        out = fn(*leaves)
+        return out if isinstance(out, tuple) else (out,)
+    grads = [torch.ones_like(out) for out in outputs()]
+    return _timed(lambda: torch.autograd.backward(outputs(), grads), device, repeats, warmup=3)
 
 
 def markdown(rows: list[dict], columns: list[str]) -> str:
@@ -350,7 +401,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch.compile the decode step (optionally with MODE, e.g. max-autotune-no-cudagraphs)")
     parser.add_argument("--attention", type=int, nargs="*", default=[], help="contexts for the attention-only bench")
     parser.add_argument("--scan", type=int, nargs="*", default=[],
-                        help="contexts for the scan-only bench (--ssm-impl against the PyTorch block-diagonal path)")
+                        help="contexts for the K/V SSMs alone: the scan (--ssm-impl against the PyTorch block-diagonal "
+                             "path), and the whole SSM block against the transformer's K and V projections")
     parser.add_argument("--ddp", action="store_true",
                         help="data-parallel training under torchrun (one process per GPU): tokens/s and per-step "
                              "losses of the Attamba model, to compare with a one-process run")
@@ -402,16 +454,21 @@ def main(argv: list[str] | None = None) -> None:
         attention_rows.append({"context": context, **measured})
         _progress("attention", "chunk-vs-flash", attention_rows[-1])
 
-    scan_rows = []
+    scan_rows, block_rows = [], []
     for context in args.scan:
         measured = _measure(lambda: bench_scan(context, args.chunk_size, device, args.ssm_impl,
                                                max(1, args.tokens_per_step // context)))
         scan_rows.append({"context": context, **measured})
         _progress("scan", "scan-vs-blockdiag", scan_rows[-1])
+        measured = _measure(lambda: bench_kv_block(context, args.chunk_size, device, args.ssm_impl,
+                                                   max(1, args.tokens_per_step // context)))
+        block_rows.append({"context": context, **measured})
+        _progress("kv_block", "ssm-block-vs-projections", block_rows[-1])
 
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": _device_name(device),
               "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
-              "training": rows, "decoding": decode_rows, "attention": attention_rows, "scan": scan_rows}
+              "training": rows, "decoding": decode_rows, "attention": attention_rows, "scan": scan_rows,
+              "kv_block": block_rows}
     print(f"# attamba-bench on {report['device']} ({report['date']}, torch {torch.__version__})\n")
     if rows:
         print(markdown(rows, ["model", "context", "batch", "tokens_per_s", "speed_ratio", "step_ms", "host_ms",
@@ -426,6 +483,9 @@ def main(argv: list[str] | None = None) -> None:
     if scan_rows:
         print("\n" + markdown(scan_rows, ["context", "batch", "scan_impl", "scan_ms", "blockdiag_ms", "speedup",
                                            "error"]))
+    if block_rows:
+        print("\n" + markdown(block_rows, ["context", "batch", "scan_impl", "block_ms", "block_blockdiag_ms",
+                                            "kv_projections_ms", "block_over_projections", "error"]))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
 

@@ -45,9 +45,13 @@ def test_attention_bench_times_one_layer_of_a_training_step(tmp_path, impl):
 def test_scan_bench_times_one_layer_of_a_training_step(tmp_path):
     out = tmp_path / "bench.json"
     main([*TINY, "--contexts", "--scan", "64", "--tokens-per-step", "256", "--ssm-impl", "ssd", "--out", str(out)])
-    (row,) = json.loads(out.read_text())["scan"]
-    assert (row["context"], row["batch"], row["scan_impl"]) == (64, 4, "ssd")
-    assert row["scan_ms"] > 0 and row["blockdiag_ms"] > 0 and "error" not in row
+    report = json.loads(out.read_text())
+    (scan,), (block,) = report["scan"], report["kv_block"]
+    for row in (scan, block):
+        assert (row["context"], row["batch"], row["scan_impl"]) == (64, 4, "ssd") and "error" not in row
+    assert scan["scan_ms"] > 0 and scan["blockdiag_ms"] > 0
+    assert block["block_ms"] > 0 and block["block_blockdiag_ms"] > 0 and block["kv_projections_ms"] > 0
+    assert block["block_over_projections"] == pytest.approx(block["block_ms"] / block["kv_projections_ms"])
 
 
 def test_learnable_tokens_are_deterministic_per_step():
