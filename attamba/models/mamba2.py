@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from attamba.config import ModelConfig, SSMConfig
 from attamba.models.layers import truncated_normal_
 from attamba.ops.conv import chunked_causal_conv, conv_step
-from attamba.ops.ssm import ScanPlan, plan_scan, scan, ssm_step, tiled_widths
+from attamba.ops.ssm import ScanPlan, plan_scan, runs_tiled, scan, ssm_step
 
 
 @dataclass
@@ -124,9 +124,8 @@ class SSMBlock(nn.Module):
         return x, dt, A, B, C
 
     def _conv_fuses_into_scan(self, plan: ScanPlan, return_state: bool) -> bool:
-        """Whether the `tiled` kernels run the conv and dt's softplus themselves (they keep no state)."""
-        return (plan.impl == "tiled" and self.cfg.conv > 0 and not return_state
-                and (plan.requested == "tiled" or tiled_widths(self.cfg.head_dim, self.cfg.state_dim)))
+        """Whether the `tiled` kernels, where `scan` would run them, also run the conv and dt's softplus."""
+        return self.cfg.conv > 0 and runs_tiled(plan, self.cfg.head_dim, self.cfg.state_dim, return_state)
 
     def _fused_conv_scan(self, u: torch.Tensor, plan: ScanPlan) -> torch.Tensor:
         """The scan's output [b, L, S*H, p] straight from the projection: the kernels apply the chunked

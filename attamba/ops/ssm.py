@@ -99,9 +99,8 @@ def scan(
     """
     _check_scan_inputs(x, dt, A, B, C, plan.chunk_start, D)
     impl = plan.impl
-    if impl == "tiled" and (return_final_state or (plan.requested == "auto"
-                                                   and not tiled_widths(x.shape[-1], B.shape[-1]))):
-        impl = "blockdiag"  # the fused kernel keeps no state (prefill) and needs power-of-two widths
+    if impl == "tiled" and not runs_tiled(plan, x.shape[-1], B.shape[-1], return_final_state):
+        impl = "blockdiag"
     with torch.autocast(x.device.type, enabled=False):
         if impl == "tiled":
             from attamba.ops.ssm_triton import chunk_local_ssd
@@ -183,6 +182,13 @@ def tiled_available() -> bool:
 def tiled_widths(head_dim: int, state_dim: int) -> bool:
     """Whether the `tiled` kernel takes these widths (powers of two >= 16)."""
     return all(width >= 16 and width & (width - 1) == 0 for width in (head_dim, state_dim))
+
+
+def runs_tiled(plan: "ScanPlan", head_dim: int, state_dim: int, return_final_state: bool = False) -> bool:
+    """Whether `scan` runs the `tiled` kernels for this plan: the plan chose them, and the kernels
+    keep no final state (prefill falls back to blockdiag), and under `auto` the widths must suit them."""
+    return (plan.impl == "tiled" and not return_final_state
+            and (plan.requested != "auto" or tiled_widths(head_dim, state_dim)))
 
 
 # ----------------------------------------------------------------------------- layouts and plans
