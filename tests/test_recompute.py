@@ -130,7 +130,7 @@ def test_compiled_recompute_matches_eager():
 def test_compiled_block_reruns_its_projection_conv_and_gated_norm_in_the_backward(monkeypatch):
     """Always on (mamba_ssm's checkpoint_lvl=1, and the input projection too): none of their outputs is kept.
 
-    Compared with the same block compiled keeping them; the gradients are the same.
+    Compared with the same block compiled keeping them; the gradients are the same to bf16 rounding.
     """
     plain, _ = pair("attamba", n_layers=1)
     block, plan = plain.layers[0].mixer.kv_ssm, plain.layers[0].mixer.plan(128, torch.device("cpu")).scan
@@ -145,7 +145,9 @@ def test_compiled_block_reruns_its_projection_conv_and_gated_norm_in_the_backwar
             kept[rerun] = saved_bytes(lambda: grads.update({rerun: torch.autograd.grad(
                 compiled(u, plan).float().square().sum(), [u, *block.parameters()])}))
     for got, want in zip(grads[True], grads[False], strict=True):
-        torch.testing.assert_close(got, want)
+        # Inductor fuses the two graphs differently, so a bf16 rounding may land elsewhere: on some CPUs
+        # the gradients are bitwise equal, on others they differ by up to ~1e-3 of their largest element.
+        torch.testing.assert_close(got, want, atol=2 ** -8 * want.abs().max().item(), rtol=0)
     projection_output = 2 * block.proj_width * block.streams  # bf16 bytes per token
     # Kept less per token: 368 bytes here, more than the projection's output (336; rerunning only the
     # conv and the norm saved 250); 2.4 KB per layer at the paper's sizes (counted on CPU, compiled model).
