@@ -206,6 +206,9 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
         checkpoint.set_rng_state(state["rng"])
         step, run_id = state["step"], state["mlflow_run_id"]
         if step >= config.train.steps:  # finished earlier: nothing to train, nothing to re-log
+            if dist_info.is_main:
+                print(f"already trained: {output} holds the final checkpoint (step {step} of {config.train.steps}) "
+                      f"of MLflow run {run_id}; nothing to do", flush=True)
             distributed.shutdown()
             return state["final"]
 
@@ -321,12 +324,14 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
                     tracker.log_metrics(metrics, step=step)
                 progress.update(step, metrics["train/loss"], tokens_per_s, elapsed / interval_steps)
                 interval_start, interval_steps = time.perf_counter(), 0
+            paused = time.perf_counter()  # evaluation and checkpoints are not training throughput
             if step % config.train.eval_every == 0 and step < config.train.steps:
                 every = config.eval.wikitext2_every
                 final.update(evaluate(step, wikitext=bool(every) and step % every == 0))
                 model.train()
             if step % config.train.checkpoint_every == 0 and step < config.train.steps:
                 save_checkpoint(step)
+            interval_start += time.perf_counter() - paused
 
         final.update(evaluate(step, wikitext=True))
         save_checkpoint(step)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,12 +78,37 @@ def test_cuda_graph_training_follows_eager_training(tmp_path):
         assert got[step] == pytest.approx(want[step], rel=2e-2), step
 
 
-def test_finished_run_is_not_trained_again(tmp_path):
+def test_finished_run_is_not_trained_again(tmp_path, capsys):
     config = smoke_config(tmp_path, "train.steps=3", "train.eval_every=100")
     first = train(config)
+    capsys.readouterr()
     again = train(config)
     assert again == first
     assert len(find_runs(config.tracking.uri, "smoke")) == 1
+    assert f"already trained: {config.train.output_dir}" in capsys.readouterr().out  # said, not silent
+
+
+def test_tokens_per_second_leave_out_evaluation_and_checkpoints(tmp_path, monkeypatch):
+    """An evaluation that takes a second inside every logging interval does not slow the reported speed."""
+    import attamba.evaluate
+
+    pause = 2.0
+    evaluate = attamba.evaluate.evaluate_validation
+
+    def slow_evaluation(*args, **kwargs):
+        time.sleep(pause)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(attamba.evaluate, "evaluate_validation", slow_evaluation)
+    config = smoke_config(tmp_path, "train.steps=4", "train.log_every=2", "train.eval_every=1",
+                          "train.checkpoint_every=1")
+    train(config)
+    (run,) = find_runs(config.tracking.uri, "smoke")
+    tokens_per_interval = 2 * config.train.batch_size * config.train.seq_len
+    speeds = metric_history(config.tracking.uri, run["run_id"], "speed/tokens_per_s")
+    assert [step for step, _ in speeds] == [2, 4]
+    for step, tokens_per_s in speeds:  # two tiny steps take far less than the pause that each interval holds
+        assert tokens_per_interval / tokens_per_s < pause / 2, step
 
 
 def test_run_is_tracked_with_params_tags_metrics_and_artifacts(tmp_path):
