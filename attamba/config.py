@@ -9,6 +9,8 @@ trainer only ever see these objects, never a DictConfig.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -289,18 +291,22 @@ def from_dictconfig(composed: Any) -> Config:
 
 def from_dict(tree: dict) -> Config:
     """Build (and so validate) a :class:`Config` from a nested dict such as :func:`to_dict` returns."""
-    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    sections = typing.get_type_hints(Config)
     unknown = set(tree) - set(sections)
     if unknown:
         raise ValueError(f"unknown config sections {sorted(unknown)}; allowed: {sorted(sections)}")
     model = dict(tree.get("model", {}))
-    ssm = SSMConfig(**model.pop("ssm", {}))
-    return Config(
-        model=ModelConfig(ssm=ssm, **model),
-        chunking=ChunkingConfig(**tree.get("chunking", {})),
-        data=DataConfig(**tree.get("data", {})),
-        optim=OptimConfig(**tree.get("optim", {})),
-        train=TrainConfig(**tree.get("train", {})),
-        eval=EvalConfig(**tree.get("eval", {})),
-        tracking=TrackingConfig(**tree.get("tracking", {})),
-    )
+    ssm = _section(SSMConfig, "model.ssm", model.pop("ssm", {}))
+    others = {name: _section(kind, name, tree.get(name, {})) for name, kind in sections.items() if name != "model"}
+    return Config(model=_section(ModelConfig, "model", model, ssm=ssm), **others)
+
+
+def _section(kind: type, name: str, values: dict, **built: Any):
+    """``kind(**values)``, where a key ``kind`` does not have (say, ``+model.chunk_sise=8``) is an error naming it."""
+    known = [field.name for field in dataclasses.fields(kind)]
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {name}.{close[0]}?" if close else f"{name} has {', '.join(known)}"
+            raise ValueError(f"{name}.{key}: no such setting; {hint}")
+    return kind(**values, **built)

@@ -83,11 +83,22 @@ def _app(composed: DictConfig) -> float | None:
     from attamba.trainer import train
 
     try:
-        final = train(resolve(composed))
+        config = resolve(composed)
+        if composed.get("plan"):  # as with -m: the plan of this one run, and nothing trained
+            return print_plan(config)
+        final = train(config)
     except ValueError as error:  # a bad setting: one clear line naming it, no traceback
         print(f"attamba-train: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     return final.get("eval/val/loss")
+
+
+def print_plan(config: Config) -> None:
+    from attamba.tracking import config_hash
+    from launchers.sweep import SweepPoint, plan_table
+
+    print(plan_table([SweepPoint(0, (), config, config_hash(flatten(to_dict(config))))]))
+    print("plan only (+plan=true): nothing trained")
 
 
 def main() -> None:

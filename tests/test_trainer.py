@@ -151,6 +151,13 @@ def cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
         cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
+def test_plan_of_a_single_run_trains_nothing(tmp_path):
+    result = cli(tmp_path, "train.steps=60000", "+plan=true")
+    assert result.returncode == 0, result.stderr
+    assert "plan only" in result.stdout and "| attamba-cyclic-P4-lead4 |" in result.stdout
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("overrides,setting", [
     (["data=jsonl", "data.paths=[/nonexistent/shard.jsonl]"], "data.paths"),
     (["data=jsonl", "data.paths=[{empty}]"], "data.paths"),
@@ -158,6 +165,8 @@ def cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     (["train.seq_len=2", "chunking.size=4"], "train.seq_len"),
     (["train.output_dir={blocked}/run"], "train.output_dir"),
     (["tracking.uri=http://127.0.0.1:9"], "tracking.uri"),
+    (["+model.chunk_sise=8"], "model.chunk_sise"),  # Hydra's hint for a key the schema lacks: a typo stays one
+    (["+plan=true", "+model.ssm.hiden=8"], "did you mean model.ssm.hidden"),
 ])
 def test_bad_input_stops_before_training_and_changes_nothing_tracked(tmp_path, overrides, setting):
     store = tmp_path / "mlflow.db"
