@@ -1,4 +1,5 @@
-"""The callable that submitit pickles and runs: one training run of a sweep point.
+"""The callable that submitit pickles and runs: one training run of a sweep point; and the closing of
+a run that its job could not end itself.
 
 Preemption follows submitit's checkpoint-and-requeue protocol, with one change that
 a training loop needs. SLURM sends the preemption signal (``USR2``: ``signal_delay_s``
@@ -23,6 +24,7 @@ import submitit
 from submitit.helpers import Checkpointable
 
 from attamba.config import Config
+from launchers.sweep import SweepPoint
 
 
 def preemption_signal() -> signal.Signals:
@@ -91,3 +93,16 @@ class TrainJob(Checkpointable):
         # with its run finished. An ignored signal stays ignored through shutdown.
         signal.signal(signum, signal.SIG_IGN)
         return result
+
+
+def close_run(point: SweepPoint, parent_run_id: str | None, status: str, reason: str) -> None:
+    """End the MLflow run of ``point`` that its job left open (it was killed before it could)."""
+    from attamba.tracking import RunTracker, find_runs
+
+    tracking = point.config.tracking
+    runs = find_runs(tracking.uri, tracking.experiment,
+                     f"tags.`mlflow.parentRunId` = '{parent_run_id}'" if parent_run_id else "")
+    for run in runs:
+        mine = run["params"].get("train.output_dir") == str(point.config.train.output_dir)
+        if mine and run["status"] in ("RUNNING", "KILLED"):
+            RunTracker(tracking.uri, tracking.experiment, run_id=run["run_id"]).finish(status, reason=reason)

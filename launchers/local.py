@@ -4,12 +4,19 @@ On a machine with GPUs, ``N`` GPUs give ``N`` concurrent jobs, each seeing exact
 one device through ``CUDA_VISIBLE_DEVICES``; on a CPU-only machine ``max_parallel``
 jobs run at once. Local means local: we ask submitit for its local executor by
 name, so the presence of ``srun`` never sends a job to SLURM.
+
+The jobs live as long as the sweep: when it is interrupted (Ctrl-C, or SIGTERM) it
+cancels them, and every run they had open ends KILLED, resumable from its last
+checkpoint by running the same command again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -18,8 +25,11 @@ from typing import Any, Sequence
 
 import submitit
 
-from launchers.job import TrainJob
+from launchers.job import TrainJob, close_run
 from launchers.sweep import SweepPoint
+
+# How long the jobs of an interrupted sweep get to end their runs before we end them from here.
+CANCEL_GRACE_SECONDS = 60.0
 
 
 @dataclass
@@ -85,31 +95,76 @@ def run_points(points: Sequence[SweepPoint], parent_run_id: str | None, folder: 
     free = list(gpus)
     running: dict[Any, tuple[SweepPoint, int | None, float]] = {}
     progress.show(force=True)
-    while queue or running:
-        while queue and len(running) < slots:
-            point = queue.popleft()
-            gpu = free.pop(0) if gpus else None
-            executor.update_parameters(timeout_min=timeout_min, gpus_per_node=0 if gpu is None else 1,
-                                       visible_gpus=() if gpu is None else (gpu,))
-            job = executor.submit(TrainJob(point.config, parent_run_id, threads))
-            running[job] = (point, gpu, time.monotonic())
-            progress.counts["queued"] -= 1
-            progress.counts["running"] += 1
-        for job in [job for job in running if job.done()]:
-            point, gpu, start = running.pop(job)
-            seconds = time.monotonic() - start
-            if gpu is not None:
-                free.append(gpu)
-            progress.counts["running"] -= 1
-            try:
-                outcomes.append(Outcome(point, "finished", job.result(), seconds))
-                progress.counts["finished"] += 1
-                progress.durations.append(seconds)
-            except Exception as error:  # noqa: BLE001 - a failed run is reported, the sweep goes on
-                outcomes.append(Outcome(point, "failed", error, seconds))
-                progress.counts["failed"] += 1
-                print(f"[sweep] {point.name} failed: {str(error).strip().splitlines()[-1]}", file=sys.stderr)
-        progress.show()
-        if running:
-            time.sleep(poll_seconds)
+    try:
+        with _terminate_as_interrupt():
+            while queue or running:
+                while queue and len(running) < slots:
+                    point = queue.popleft()
+                    gpu = free.pop(0) if gpus else None
+                    executor.update_parameters(timeout_min=timeout_min, gpus_per_node=0 if gpu is None else 1,
+                                               visible_gpus=() if gpu is None else (gpu,))
+                    job = executor.submit(TrainJob(point.config, parent_run_id, threads))
+                    running[job] = (point, gpu, time.monotonic())
+                    progress.counts["queued"] -= 1
+                    progress.counts["running"] += 1
+                for job in [job for job in running if job.done()]:
+                    point, gpu, start = running.pop(job)
+                    seconds = time.monotonic() - start
+                    if gpu is not None:
+                        free.append(gpu)
+                    outcomes.append(collect(job, point, seconds))
+                    progress.counts["running"] -= 1
+                    progress.counts[outcomes[-1].status] += 1
+                    if outcomes[-1].status == "finished":
+                        progress.durations.append(seconds)
+                progress.show()
+                if running:
+                    time.sleep(poll_seconds)
+    except KeyboardInterrupt:
+        cancel(running, parent_run_id)
+        raise
     return sorted(outcomes, key=lambda outcome: outcome.point.index)
+
+
+def collect(job: submitit.Job, point: SweepPoint, seconds: float) -> Outcome:
+    """The outcome of a job that is done (a failed run is reported; the sweep goes on)."""
+    try:
+        return Outcome(point, "finished", job.result(), seconds)
+    except Exception as error:  # noqa: BLE001
+        print(f"[sweep] {point.name} failed: {str(error).strip().splitlines()[-1]}", file=sys.stderr)
+        return Outcome(point, "failed", error, seconds)
+
+
+def cancel(running: dict, parent_run_id: str | None) -> None:
+    """Stop the jobs of an interrupted sweep and end their runs KILLED.
+
+    submitit's cancel sends SIGINT, on which the trainer ends its run itself; one that has not
+    within the grace time (or was killed before it could) is ended from here.
+    """
+    for job in running:
+        job.cancel(check=False)
+    deadline = time.monotonic() + CANCEL_GRACE_SECONDS
+    while not all(job.done() for job in running) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for point, _, _ in running.values():
+        close_run(point, parent_run_id, "KILLED", "the sweep was interrupted; run its command again to resume")
+    print(f"[sweep] interrupted: cancelled {len(running)} running job(s); their runs are KILLED and resume "
+          "from their last checkpoint when the same command runs again", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (``kill``, a job scheduler) interrupts the sweep as Ctrl-C does, so its jobs are cancelled
+    rather than left training with nobody waiting for them."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+
+    def interrupt(signum: int, frame) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

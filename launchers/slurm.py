@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 
 import submitit
 
-from launchers.job import TrainJob
+from launchers.job import TrainJob, close_run
 from launchers.local import Outcome
 from launchers.sweep import SweepPoint
 
@@ -313,19 +313,6 @@ def collect(job: submitit.SlurmJob, point: SweepPoint, parent_run_id: str | None
     reason = f"SLURM job {job.job_id} ended {state} without a result (log: {lead.paths.stderr})"
     close_run(point, parent_run_id, "KILLED" if status == "cancelled" else "FAILED", reason)
     return Outcome(point, status, RuntimeError(reason))
-
-
-def close_run(point: SweepPoint, parent_run_id: str | None, status: str, reason: str) -> None:
-    """End the MLflow run of ``point`` that its job left open (it was killed before it could)."""
-    from attamba.tracking import RunTracker, find_runs
-
-    tracking = point.config.tracking
-    runs = find_runs(tracking.uri, tracking.experiment,
-                     f"tags.`mlflow.parentRunId` = '{parent_run_id}'" if parent_run_id else "")
-    for run in runs:
-        mine = run["params"].get("train.output_dir") == str(point.config.train.output_dir)
-        if mine and run["status"] in ("RUNNING", "KILLED"):
-            RunTracker(tracking.uri, tracking.experiment, run_id=run["run_id"]).finish(status, reason=reason)
 
 
 def run_points(points: Sequence[SweepPoint], parent_run_id: str | None, folder: Path, slurm: Mapping[str, Any],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -68,6 +69,50 @@ def test_local_sweep_tracks_one_parent_and_reruns_skip_finished(tmp_path):
     assert len(find_runs(uri, "smoke")) == 3  # nothing trained twice, the parent reused
 
     assert_make_ui_serves_the_sweep(tmp_path, uri)
+
+
+def test_interrupted_local_sweep_cancels_its_jobs_and_ends_every_run_killed(tmp_path):
+    """SIGTERM to the sweep (Ctrl-C goes the same way): no job keeps training, no run stays RUNNING."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    log = open(tmp_path / "sweep.log", "w")
+    command = [sys.executable, "-m", "attamba.train", "-m", "experiment=smoke", f"tracking.uri={uri}",
+               f"hydra.sweep.dir={tmp_path}/sweep", f"train.checkpoint_root={tmp_path}/checkpoints",
+               "chunking.size=2,4", "train.steps=100000", "hydra.launcher.max_parallel=2"]
+    sweep_process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while len([r for r in find_runs(uri, "smoke") if "train/loss" in r["metrics"]]) < 2:
+            assert sweep_process.poll() is None and time.monotonic() < deadline, (tmp_path / "sweep.log").read_text()
+            time.sleep(1)
+        sweep_process.send_signal(signal.SIGTERM)
+        assert sweep_process.wait(timeout=120) == 130
+    finally:
+        if sweep_process.poll() is None:
+            os.killpg(sweep_process.pid, signal.SIGKILL)
+        log.close()
+        left = processes_naming(tmp_path / "sweep")
+        for pid in left:  # a job the sweep failed to cancel
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert not left, "jobs still running after the sweep ended"
+    output = (tmp_path / "sweep.log").read_text()
+    assert "interrupted: cancelled 2 running job(s)" in output, output
+    runs = find_runs(uri, "smoke")
+    assert len(runs) == 3 and {run["status"] for run in runs} == {"KILLED"}, runs
+    assert all("interrupted" in run["tags"]["attamba.failure_reason"] for run in runs)
+
+
+def processes_naming(folder: Path) -> list[int]:
+    """Live processes whose command line names ``folder`` (submitit's job controllers and tasks do)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            named = str(folder).encode() in cmdline.read_bytes()
+        except OSError:  # the process ended meanwhile
+            continue
+        if named:
+            found.append(int(cmdline.parent.name))
+    return found
 
 
 def assert_make_ui_serves_the_sweep(tmp_path: Path, uri: str) -> None:

@@ -81,7 +81,15 @@ class AttambaLauncher(Launcher):
         done = {run["tags"].get("attamba.config_hash") for run in tracked}
         skip = frozenset(p.config_hash for p in distinct if p.config_hash in done or p.finished())
         folder = Path(self.config.hydra.sweep.dir) / ".submitit"
-        outcomes = self._run(distinct, parent, folder, skip)
+        try:
+            outcomes = self._run(distinct, parent, folder, skip)
+        except KeyboardInterrupt:
+            reason = ("interrupted: its jobs were cancelled; the same command resumes them" if self.cluster == "local"
+                      else "interrupted: the launcher stopped waiting; its SLURM jobs go on (scancel stops them)")
+            with RunTracker(tracking.uri, tracking.experiment, run_id=parent) as parent_run:
+                parent_run.finish("KILLED", reason=reason)
+            print(f"[sweep] {sweep_name} {reason}", file=sys.stderr)
+            raise SystemExit(130) from None
 
         failed = [o for o in outcomes if o.status in ("failed", "cancelled")]
         with RunTracker(tracking.uri, tracking.experiment, run_id=parent) as parent_run:
