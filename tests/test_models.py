@@ -1,6 +1,10 @@
 """The three families end to end on CPU: causality, decoding == forward, cache growth."""
 
 import dataclasses
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -247,3 +251,12 @@ def test_compiled_model_trains_with_the_eager_gradients(device, attn_impl, ssm_i
     worst = max(errors, key=errors.get)
     # bf16 rounding differs between the compiled and eager kernels; a lost gradient path errs by ~1
     assert errors[worst] < (0.1 if device == "cuda" else 1e-3), f"{worst}: relative error {errors[worst]:.3g}"
+
+
+def test_the_readme_python_example_runs_as_printed():
+    """The README's "Use it from Python" block, run as a script: the API it shows is the API we have."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (example,) = re.findall(r"## Use it from Python\n\n```python\n(.*?)```", readme, re.S)
+    result = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(result.stdout.strip()) > 0  # the cache's bytes

@@ -50,13 +50,17 @@ class AttambaLauncher(Launcher):
 
     def _launch(self, job_overrides: Sequence[Sequence[str]]) -> Sequence[JobReturn]:
         from attamba.tracking import RunTracker, ensure_store, find_runs, git_commit, start_parent_run
-        from launchers.sweep import plan_table, prepare_points, sweep_key, unique, with_sweep
+        from launchers.sweep import SweepPoint, plan_table, prepare_points, sweep_key, unique, with_sweep
 
         points = prepare_points(job_overrides, self._compose)
         distinct, merged = unique(points)
+        same_as: dict[int, tuple[SweepPoint, list[str]]] = {}
         for duplicate, kept in merged:
-            print(f"[sweep] point {duplicate.index} ({' '.join(duplicate.overrides)}) is the same run as "
-                  f"point {kept.index}: it runs once")
+            same_as.setdefault(kept.index, (kept, []))[1].append(str(duplicate.index))
+        for kept, duplicates in same_as.values():
+            print(f"[sweep] point{'s' if len(duplicates) > 1 else ''} {', '.join(duplicates)} "
+                  f"{'are' if len(duplicates) > 1 else 'is'} the same run as point {kept.index} "
+                  f"({' '.join(kept.overrides)}): it runs once")
         print(plan_table(distinct))
         if self.config.get("plan"):
             print("[sweep] plan only (+plan=true): nothing submitted")
