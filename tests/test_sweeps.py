@@ -32,6 +32,7 @@ def sweep(tmp_path: Path, *overrides: str, timeout: int = 600) -> subprocess.Com
     (["chunking.size=4,eight"], "chunking.size"),  # a sweep value of the wrong type
     (["variant=transformer_iso_kv", "chunking.size=64", "model.n_heads=32", "model.dim=64"], "model.match"),
     (["chunking.size=4,4"], "duplicate"),
+    (["hydra.launcher.max_parallel=0"], "hydra.launcher.max_parallel"),
 ])
 def test_bad_sweeps_fail_before_anything_is_submitted(tmp_path, overrides, expected):
     result = sweep(tmp_path, *overrides)

@@ -162,6 +162,7 @@ def test_plan_of_a_single_run_trains_nothing(tmp_path):
     (["data=jsonl", "data.paths=[/nonexistent/shard.jsonl]"], "data.paths"),
     (["data=jsonl", "data.paths=[{empty}]"], "data.paths"),
     (["data.tokenizer={broken}"], "data.tokenizer"),
+    (["data.tokenizer="], "data.tokenizer: empty"),
     (["train.seq_len=2", "chunking.size=4"], "train.seq_len"),
     (["train.output_dir={blocked}/run"], "train.output_dir"),
     (["tracking.uri=http://127.0.0.1:9"], "tracking.uri"),

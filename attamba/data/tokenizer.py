@@ -91,6 +91,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     The format is told from the content (JSON text vs. protobuf), so files such as
     mistral-common's ``tokenizer.model.v1`` load too.
     """
+    if not str(path).strip():
+        raise ValueError("data.tokenizer: empty; use \"bpe\", a SentencePiece .model or a HF tokenizer.json")
     path = Path(path).expanduser()
     if not path.is_file():
         raise ValueError(f"data.tokenizer: {str(path)!r} is not a file; use \"bpe\", a SentencePiece "

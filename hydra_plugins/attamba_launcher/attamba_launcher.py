@@ -52,6 +52,10 @@ class AttambaLauncher(Launcher):
         from attamba.tracking import RunTracker, ensure_store, find_runs, git_commit, start_parent_run
         from launchers.sweep import SweepPoint, plan_table, prepare_points, sweep_key, unique, with_sweep
 
+        if self.cluster == "local":
+            for name, value in (("max_parallel", self.max_parallel), ("timeout_min", self.timeout_min)):
+                if not isinstance(value, int) or value < 1:
+                    raise ValueError(f"hydra.launcher.{name}: must be an integer >= 1, got {value!r}")
         points = prepare_points(job_overrides, self._compose)
         distinct, merged = unique(points)
         same_as: dict[int, tuple[SweepPoint, list[str]]] = {}
