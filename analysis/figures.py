@@ -86,7 +86,9 @@ def draw_iso_kv(data: FigureData) -> Figure:
     ax.set_xticks(range(len(sizes)), [f"P = {size}" for size in sizes])
     ax.set_xlabel("chunk size P (tokens per chunk)")
     ax.set_ylabel(data.metric.label)
-    ax.set_title("Attamba vs. transformers at equal KV cache and FLOPs\n"
+    matched = [name for role, name in (("iso-kv", "KV cache"), ("iso-flops", "FLOPs"), ("iso-params", "parameters"))
+               if role in bars["role"]]
+    ax.set_title(f"Attamba vs. transformers at equal {' and '.join(matched) or 'settings'}\n"
                  "(labels: Attamba relative to that baseline; lower is better)")
     ax.grid(axis="x", visible=False)
     _legend_outside(ax)
