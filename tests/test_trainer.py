@@ -151,6 +151,14 @@ def cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
         cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
+def test_help_shows_how_to_run_plan_and_sweep():
+    result = subprocess.run([sys.executable, "-m", "attamba.train", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "attamba-train -m experiment=paper_iso_kv +plan=true" in result.stdout
+    assert "experiment: chunk_strategy, demo, leading_tokens, paper_iso_kv, smoke" in result.stdout
+
+
 def test_plan_of_a_single_run_trains_nothing(tmp_path):
     result = cli(tmp_path, "train.steps=60000", "+plan=true")
     assert result.returncode == 0, result.stderr
