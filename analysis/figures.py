@@ -216,9 +216,13 @@ def markdown_table(table: pl.DataFrame) -> str:
 
 def _summary(data: FigureData) -> pl.DataFrame:
     """The Markdown view: the table itself, or for curves each run's last plotted point."""
-    if data.name != "curves":
-        return data.table
-    return data.table.group_by("run_name", maintain_order=True).last()
+    table = data.table if data.name != "curves" else data.table.group_by("run_name", maintain_order=True).last()
+    # A full transformer has no chunks: its chunking columns would show defaults that nobody chose.
+    chunking = [column for column in ("strategy", "chunk_size", "leading_tokens") if column in table.columns]
+    if "role" not in table.columns:
+        return table
+    return table.with_columns(pl.when(pl.col("role") != "full").then(pl.col(column)).alias(column)
+                              for column in chunking)
 
 
 def markdown_report(data: FigureData) -> str:
@@ -227,6 +231,9 @@ def markdown_report(data: FigureData) -> str:
     if data.name == "curves":
         parts += ["Last plotted point of each run (every point is in curves.csv).", ""]
     parts.append(markdown_table(_summary(data)))
+    if data.name == "iso-kv":
+        parts += ["", "`rel_diff`: Attamba's value at the same P relative to that baseline's "
+                      "(-0.05: 5% lower; lower is better)."]
     if data.excluded:
         parts += ["", f"Not plotted ({len(data.excluded)} runs):", ""]
         parts += [f"- {name}: {reason}" for name, reason in data.excluded]

@@ -21,7 +21,7 @@ import polars as pl
 import pytest
 
 from analysis import cli, lingua, tables
-from analysis.figures import DRAWERS, write_figure
+from analysis.figures import DRAWERS, markdown_report, write_figure
 from analysis.runs import load_runs, metric_histories, parse_param
 from attamba import accounting
 from attamba.config import ChunkingConfig, Config, ModelConfig, SSMConfig, TrainConfig, flatten, to_dict
@@ -200,6 +200,10 @@ def test_iso_kv_roles_and_relative_difference(store: str, synthetic: dict) -> No
     assert by_name["kv-p8"]["rel_diff"] == pytest.approx(31.0 / 34.0 - 1)
     assert by_name["flops-p4"]["rel_diff"] == pytest.approx(30.0 / 32.0 - 1)
     assert by_name["att-p4"]["rel_diff"] is None
+    report = markdown_report(data)
+    (full_row,) = [line for line in report.splitlines() if line.startswith("| full |")]
+    assert "| cyclic |" not in full_row  # a full transformer has no chunking to show
+    assert "`rel_diff`: Attamba's value" in report
     reasons = dict(data.excluded)
     assert "not in a sweep with matched baselines" in reasons["att-p8-l1"]
     assert "pseudo" in reasons["att-p8-pseudo"]
