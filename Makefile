@@ -35,6 +35,7 @@ demo: install ## train a small real sweep on the embedded corpus, log to MLflow 
 	$(MAKE) --no-print-directory figures
 	@echo
 	@echo "Results: MLflow store $(TRACKING_URI) (experiment 'demo'), figures in runs/figures/demo/"
+	@echo "(120 steps of tiny models on the embedded corpus: they show the pipeline, not the paper's comparison)"
 	@echo "Browse them: make ui   (then open http://127.0.0.1:$(UI_PORT))"
 
 EXPERIMENT ?= demo
