@@ -217,10 +217,10 @@ def markdown_table(table: pl.DataFrame) -> str:
 def _summary(data: FigureData) -> pl.DataFrame:
     """The Markdown view: the table itself, or for curves each run's last plotted point."""
     table = data.table if data.name != "curves" else data.table.group_by("run_name", maintain_order=True).last()
-    # A full transformer has no chunks: its chunking columns would show defaults that nobody chose.
-    chunking = [column for column in ("strategy", "chunk_size", "leading_tokens") if column in table.columns]
     if "role" not in table.columns:
         return table
+    # A full transformer has no chunks: its chunking columns would show defaults that nobody chose.
+    chunking = [column for column in ("strategy", "chunk_size", "leading_tokens") if column in table.columns]
     return table.with_columns(pl.when(pl.col("role") != "full").then(pl.col(column)).alias(column)
                               for column in chunking)
 

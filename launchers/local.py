@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import submitit
 
 from launchers.job import TrainJob, close_run
-from launchers.sweep import SweepPoint
+from launchers.sweep import SweepPoint, require_int
 
 # How long the jobs of an interrupted sweep get to end their runs before we end them from here.
 CANCEL_GRACE_SECONDS = 60.0
@@ -75,9 +75,16 @@ class SweepProgress:
             self.last_line = line
 
 
+def check_settings(max_parallel: int, timeout_min: int) -> None:
+    """The local launcher's settings, each error naming its setting."""
+    require_int("hydra.launcher.max_parallel", max_parallel, 1)
+    require_int("hydra.launcher.timeout_min", timeout_min, 1)
+
+
 def run_points(points: Sequence[SweepPoint], parent_run_id: str | None, folder: Path, max_parallel: int,
                timeout_min: int, skip: frozenset[str] = frozenset(), poll_seconds: float = 1.0) -> list[Outcome]:
     """Run ``points`` (those whose config hash is in ``skip`` finished earlier and are not run again)."""
+    check_settings(max_parallel, timeout_min)
     gpus = visible_gpus()
     slots = len(gpus) if gpus else max(1, max_parallel)
     threads = None if gpus else max(1, (os.cpu_count() or 1) // slots)
@@ -95,34 +102,30 @@ def run_points(points: Sequence[SweepPoint], parent_run_id: str | None, folder: 
     free = list(gpus)
     running: dict[Any, tuple[SweepPoint, int | None, float]] = {}
     progress.show(force=True)
-    try:
-        with _terminate_as_interrupt():
-            while queue or running:
-                while queue and len(running) < slots:
-                    point = queue.popleft()
-                    gpu = free.pop(0) if gpus else None
-                    executor.update_parameters(timeout_min=timeout_min, gpus_per_node=0 if gpu is None else 1,
-                                               visible_gpus=() if gpu is None else (gpu,))
-                    job = executor.submit(TrainJob(point.config, parent_run_id, threads))
-                    running[job] = (point, gpu, time.monotonic())
-                    progress.counts["queued"] -= 1
-                    progress.counts["running"] += 1
-                for job in [job for job in running if job.done()]:
-                    point, gpu, start = running.pop(job)
-                    seconds = time.monotonic() - start
-                    if gpu is not None:
-                        free.append(gpu)
-                    outcomes.append(collect(job, point, seconds))
-                    progress.counts["running"] -= 1
-                    progress.counts[outcomes[-1].status] += 1
-                    if outcomes[-1].status == "finished":
-                        progress.durations.append(seconds)
-                progress.show()
-                if running:
-                    time.sleep(poll_seconds)
-    except KeyboardInterrupt:
-        cancel(running, parent_run_id)
-        raise
+    with _cancelled_on_interrupt(running, parent_run_id):
+        while queue or running:
+            while queue and len(running) < slots:
+                point = queue.popleft()
+                gpu = free.pop(0) if gpus else None
+                executor.update_parameters(timeout_min=timeout_min, gpus_per_node=0 if gpu is None else 1,
+                                           visible_gpus=() if gpu is None else (gpu,))
+                job = executor.submit(TrainJob(point.config, parent_run_id, threads))
+                running[job] = (point, gpu, time.monotonic())
+                progress.counts["queued"] -= 1
+                progress.counts["running"] += 1
+            for job in [job for job in running if job.done()]:
+                point, gpu, start = running.pop(job)
+                seconds = time.monotonic() - start
+                if gpu is not None:
+                    free.append(gpu)
+                outcomes.append(collect(job, point, seconds))
+                progress.counts["running"] -= 1
+                progress.counts[outcomes[-1].status] += 1
+                if outcomes[-1].status == "finished":
+                    progress.durations.append(seconds)
+            progress.show()
+            if running:
+                time.sleep(poll_seconds)
     return sorted(outcomes, key=lambda outcome: outcome.point.index)
 
 
@@ -153,18 +156,20 @@ def cancel(running: dict, parent_run_id: str | None) -> None:
 
 
 @contextlib.contextmanager
-def _terminate_as_interrupt():
-    """SIGTERM (``kill``, a job scheduler) interrupts the sweep as Ctrl-C does, so its jobs are cancelled
-    rather than left training with nobody waiting for them."""
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield
-        return
-
-    def interrupt(signum: int, frame) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
+def _cancelled_on_interrupt(running: dict, parent_run_id: str | None):
+    """On Ctrl-C, or SIGTERM (``kill``, a job scheduler), which interrupts the sweep the same way,
+    cancel the ``running`` jobs rather than leave them training with nobody waiting for them."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+        def interrupt(signum: int, frame) -> None:
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+        previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        try:
+            yield
+        finally:  # the handler goes before the cancelling: a second SIGTERM then ends the sweep at once
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+    except KeyboardInterrupt:
+        cancel(running, parent_run_id)
+        raise

@@ -29,7 +29,7 @@ import submitit
 
 from launchers.job import TrainJob, close_run
 from launchers.local import Outcome
-from launchers.sweep import SweepPoint
+from launchers.sweep import SweepPoint, require_int
 
 POLL_SECONDS = 1.0  # how often result files are looked for
 STATUS_SECONDS = 5.0  # how often sacct is asked for job states
@@ -57,9 +57,7 @@ class SlurmSettings:
     def __post_init__(self) -> None:
         for name, minimum in (("gpus_per_node", 0), ("cpus_per_task", 1), ("array_parallelism", 1),
                               ("signal_delay_s", 1), ("max_num_timeout", 0)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ValueError(f"hydra.launcher.slurm.{name}: must be an integer >= {minimum}, got {value!r}")
+            require_int(f"hydra.launcher.slurm.{name}", getattr(self, name), minimum)
         if not isinstance(self.mem_gb_per_task, (int, float)) or self.mem_gb_per_task <= 0:
             raise ValueError(f"hydra.launcher.slurm.mem_gb_per_task: must be a number > 0, "
                              f"got {self.mem_gb_per_task!r}")
@@ -227,8 +225,7 @@ def preflight(slurm: Mapping[str, Any] | SlurmSettings | None, timeout_min: int)
     Raises ``ValueError`` naming the offending setting; submits nothing.
     """
     settings = slurm if isinstance(slurm, SlurmSettings) else SlurmSettings.from_mapping(slurm)
-    if not isinstance(timeout_min, int) or isinstance(timeout_min, bool) or timeout_min < 1:
-        raise ValueError(f"hydra.launcher.timeout_min: must be an integer >= 1 (minutes), got {timeout_min!r}")
+    require_int("hydra.launcher.timeout_min", timeout_min, 1)
     partition = _pick_partition(settings, partitions())
     _check_limits(settings, timeout_min, partition)
     return settings, partition.name

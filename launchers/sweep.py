@@ -13,7 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from attamba import accounting, checkpoint
 from attamba.config import Config, flatten, to_dict
@@ -40,6 +40,12 @@ class SweepPoint:
         """A final checkpoint exists: the point was trained to the end by an earlier sweep."""
         step = checkpoint.latest_step(Path(self.config.train.output_dir))
         return step is not None and step >= self.config.train.steps
+
+
+def require_int(setting: str, value: Any, minimum: int) -> None:
+    """A launcher setting that must be a whole number of at least ``minimum``: else an error naming it."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{setting}: must be an integer >= {minimum}, got {value!r}")
 
 
 class SweepError(ValueError):

@@ -52,10 +52,6 @@ class AttambaLauncher(Launcher):
         from attamba.tracking import RunTracker, ensure_store, find_runs, git_commit, start_parent_run
         from launchers.sweep import SweepPoint, plan_table, prepare_points, sweep_key, unique, with_sweep
 
-        if self.cluster == "local":
-            for name, value in (("max_parallel", self.max_parallel), ("timeout_min", self.timeout_min)):
-                if not isinstance(value, int) or value < 1:
-                    raise ValueError(f"hydra.launcher.{name}: must be an integer >= 1, got {value!r}")
         points = prepare_points(job_overrides, self._compose)
         distinct, merged = unique(points)
         same_as: dict[int, tuple[SweepPoint, list[str]]] = {}
@@ -76,9 +72,13 @@ class AttambaLauncher(Launcher):
         key = sweep_key(command)
         sweep_name = f"{experiment}-{key}"
         tracking = distinct[0].config.tracking
-        if self.cluster == "slurm":  # a cluster that cannot run the sweep fails it before any run is opened
+        # settings (and a cluster) that cannot run the sweep fail it before any run is opened
+        if self.cluster == "slurm":
             from launchers.slurm import preflight
             preflight(self.slurm, self.timeout_min)
+        else:
+            from launchers.local import check_settings
+            check_settings(self.max_parallel, self.timeout_min)
         ensure_store(tracking.uri)
         parent = start_parent_run(tracking.uri, tracking.experiment, sweep_name, tags={
             "attamba.sweep_key": key, "attamba.sweep_overrides": " ".join(command),
