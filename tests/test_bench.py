@@ -103,8 +103,8 @@ def test_two_process_data_parallel_losses_match_one_process(tmp_path):
     assert one == pytest.approx(two, rel=1e-5)  # fp32 on the CPU: only the reduction order differs
 
 
-def test_cuda_graph_compilation_keeps_a_ddp_graph_whole(tmp_path):
-    """Under reduce-overhead a DDP module is not split at its buckets; in other modes it is."""
+def test_compiled_ddp_stays_split_at_its_buckets_in_every_mode(tmp_path):
+    """Splitting at the buckets lets each all-reduce overlap the backward; under CUDA graphs too."""
     import torch.distributed as dist
 
     from attamba.trainer import compile_for_training
@@ -113,12 +113,9 @@ def test_cuda_graph_compilation_keeps_a_ddp_graph_whole(tmp_path):
     try:
         ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
         with torch._dynamo.config.patch(optimize_ddp=True):
-            compile_for_training(ddp, "default")
-            assert torch._dynamo.config.optimize_ddp is True
-            compile_for_training(torch.nn.Linear(4, 4), "reduce-overhead")
-            assert torch._dynamo.config.optimize_ddp is True
-            compile_for_training(ddp, "reduce-overhead")
-            assert torch._dynamo.config.optimize_ddp is False
+            for mode in ("default", "reduce-overhead", "max-autotune"):
+                compile_for_training(ddp, mode)
+                assert torch._dynamo.config.optimize_ddp is True, mode
     finally:
         dist.destroy_process_group()
 
