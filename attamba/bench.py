@@ -371,7 +371,7 @@ def _progress(kind: str, name: str, result: dict) -> None:
     print(json.dumps({"kind": kind, "model": name, **result}), file=sys.stderr, flush=True)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attamba-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--contexts", type=int, nargs="*", default=[1024], help="training contexts (none: skip)")
     parser.add_argument("--tokens-per-step", type=int, default=16 * 1024)
@@ -408,6 +408,11 @@ def main(argv: list[str] | None = None) -> None:
                              "losses of the Attamba model, to compare with a one-process run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.trace and not args.profile:
         parser.error("--trace writes the traces of --profile: give --profile ROWS as well")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attamba.bench import _train_step, learnable_tokens, main
+from attamba.bench import _train_step, build_parser, learnable_tokens, main
 
 TINY = ["--device", "cpu", "--vocab", "256", "--steps", "1", "--warmup", "0"]
 
@@ -136,3 +138,26 @@ def test_trace_without_profile_is_refused_before_anything_runs(tmp_path, capsys)
     with pytest.raises(SystemExit):
         main([*TINY, "--contexts", "64", "--trace", str(tmp_path)])
     assert "--trace" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+def _readme_bench_commands() -> list[str]:
+    """Every attamba-bench command in the README's shell blocks, continuation lines joined, comments cut."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("#")[0].strip()
+            if "attamba.bench" in line or line.startswith("attamba-bench"):
+                commands.append(line)
+    return commands
+
+
+def test_every_bench_command_in_the_readme_parses():
+    """The performance section tells readers which commands produced its tables: they must still run."""
+    commands = _readme_bench_commands()
+    assert len(commands) >= 8
+    parser = build_parser()
+    for command in commands:
+        words = shlex.split(command)
+        start = words.index("attamba.bench") + 1 if "attamba.bench" in words else 1
+        parser.parse_args(words[start:])
