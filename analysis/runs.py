@@ -1,7 +1,7 @@
 """Tracked runs as polars tables: one row per run, or one row per logged metric value.
 
-Reads any MLflow tracking URI through :class:`mlflow.tracking.MlflowClient`; never
-imports the trainer. MLflow stores every param as a string, so each param column
+Reads any MLflow tracking URI through :class:`mlflow.tracking.MlflowClient` (opened by
+:func:`attamba.tracking.reading_client`); never imports the trainer. MLflow stores every param as a string, so each param column
 is typed back from its strings: ``"None"`` becomes null, and a column whose other
 values all read as booleans, integers or numbers gets that dtype.
 
@@ -24,8 +24,8 @@ import polars as pl
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-TAG_PARENT_RUN = "mlflow.parentRunId"
-TAG_SWEEP_PARENT = "attamba.sweep_parent"
+from attamba.tracking import TAG_PARENT_RUN, TAG_SWEEP_PARENT, reading_client
+
 HIGHER_IS_BETTER_PREFIXES = ("speed/",)
 BASE_SCHEMA = {"run_id": pl.String, "run_name": pl.String, "experiment": pl.String, "status": pl.String,
                "start_time": pl.Int64, "parent_run_id": pl.String, "is_sweep_parent": pl.Boolean}
@@ -117,14 +117,14 @@ def _search(client: MlflowClient, experiment_ids: list[str]) -> list[Run]:
 
 def list_experiments(uri: str) -> list[str]:
     """Names of the active experiments in the store at ``uri`` that hold at least one run."""
-    client = MlflowClient(tracking_uri=uri)
+    client = reading_client(uri)
     return sorted(experiment.name for experiment in client.search_experiments()
                   if client.search_runs([experiment.experiment_id], max_results=1))
 
 
 def load_runs(uri: str, experiments: str | Sequence[str]) -> pl.DataFrame:
     """Every run of ``experiments`` in the store at ``uri``: params typed, final and best metric values."""
-    client = MlflowClient(tracking_uri=uri)
+    client = reading_client(uri)
     names = [experiments] if isinstance(experiments, str) else list(experiments)
     id_to_name = _experiment_ids(client, names)
     runs = _search(client, list(id_to_name))
@@ -164,7 +164,7 @@ def _frame(rows: list[tuple[dict[str, Any], dict[str, str], dict[str, str]]]) ->
 def metric_histories(uri: str, run_ids: Sequence[str], keys: Sequence[str]) -> pl.DataFrame:
     """Long table ``run_id, key, step, value`` of every logged value of ``keys`` in ``run_ids``,
     sorted by run, key and step (one value per step: the last logged)."""
-    client = MlflowClient(tracking_uri=uri)
+    client = reading_client(uri)
     records = [(run_id, key, step, value)
                for run_id in run_ids for key in keys
                for step, value in _history(client, run_id, key)]

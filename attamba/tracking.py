@@ -7,7 +7,7 @@ threads, sweep workers and nested runs log into each other.
 
 A training run uses it like this::
 
-    flat = flatten(to_dict(config))
+    flat = flat_params(config)
     check_tracking_uri(config.tracking.uri)          # fail before any training
     with RunTracker(config.tracking.uri, config.tracking.experiment,
                     run_name=config.tracking.run_name, run_id=resumed_run_id,
@@ -419,10 +419,18 @@ def _tag_values(tags: dict[str, Any]) -> dict[str, str]:
 # --------------------------------------------------------------------------- queries
 
 
+def reading_client(uri: str) -> MlflowClient:
+    """A client to read the store at ``uri`` once it exists. Opening a fresh sqlite file migrates
+    its schema, and a reader doing that while a training run creates the store breaks both, so
+    readers go through :func:`ensure_store`'s lock like writers."""
+    ensure_store(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
 def find_runs(uri: str, experiment: str, filter_string: str = "") -> list[dict[str, Any]]:
     """Runs of ``experiment`` matching an MLflow ``filter_string``, newest first, as plain dicts
     (run_id, run_name, status, tags, params, metrics with their latest values)."""
-    client = MlflowClient(tracking_uri=uri)
+    client = reading_client(uri)
     found = _retry_locked(client.get_experiment_by_name, experiment)
     if found is None:
         return []
@@ -441,7 +449,7 @@ def find_runs(uri: str, experiment: str, filter_string: str = "") -> list[dict[s
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     """Every logged ``(step, value)`` of metric ``key`` in run ``run_id``, by step."""
-    history = _retry_locked(MlflowClient(tracking_uri=uri).get_metric_history, run_id, key)
+    history = _retry_locked(reading_client(uri).get_metric_history, run_id, key)
     return sorted((metric.step, metric.value) for metric in history)
 
 

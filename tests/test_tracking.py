@@ -22,7 +22,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from attamba.config import Config, flatten, to_dict
+from attamba.config import Config, flat_params, to_dict
 from attamba.tracking import (
     TAG_CONFIG_HASH,
     TAG_FAILURE_REASON,
@@ -99,7 +99,7 @@ def test_git_commit_reads_head_of_the_given_repository(git_repo: Path, tmp_path:
 
 
 def test_config_hash_is_stable_and_ignores_only_where_a_run_goes():
-    flat = flatten(to_dict(Config()))
+    flat = flat_params(Config())
     digest = config_hash(flat)
     assert re.fullmatch(r"[0-9a-f]{12}", digest)
     assert config_hash(dict(reversed(list(flat.items())))) == digest
@@ -115,7 +115,7 @@ def test_config_hash_is_stable_and_ignores_only_where_a_run_goes():
 
 
 def test_run_tags_name_commit_hash_family_and_sweep(git_repo: Path):
-    flat = flatten(to_dict(Config()))
+    flat = flat_params(Config())
     assert run_tags(flat, git_repo) == {TAG_CONFIG_HASH: config_hash(flat), TAG_FAMILY: "attamba",
                                         TAG_GIT_COMMIT: git_commit(git_repo)}
     swept = run_tags({**flat, "tracking.sweep": "iso-kv", "model.family": "transformer"}, git_repo)
@@ -127,7 +127,7 @@ def test_run_tags_name_commit_hash_family_and_sweep(git_repo: Path):
 
 def test_round_trip(store_uri: str, experiment: str, git_repo: Path, tmp_path: Path):
     config = Config()
-    flat = flatten(to_dict(config))
+    flat = flat_params(config)
     tags = run_tags(flat, git_repo)
     tokenizer = tmp_path / "tokenizer.json"
     tokenizer.write_text('{"model": {"type": "BPE"}}')
@@ -225,7 +225,7 @@ def test_server_sees_batches_not_one_request_per_value(server_uri: str, experime
 
 
 def test_resume_continues_the_same_run(sqlite_uri: str, experiment: str):
-    flat = flatten(to_dict(Config()))
+    flat = flat_params(Config())
     first = RunTracker(sqlite_uri, experiment, run_name="resumable")
     first.log_params(flat)
     for step in range(5):
@@ -417,6 +417,25 @@ def _assert_every_job_landed(uri: str, experiment: str) -> None:
 def test_parallel_processes_lose_no_run_and_no_value(sqlite_uri: str, experiment: str):
     _run_parallel_jobs(sqlite_uri, experiment, "forkserver")
     _assert_every_job_landed(sqlite_uri, experiment)
+
+
+def test_a_reader_waits_while_another_process_creates_the_store(tmp_path: Path, experiment: str):
+    """A reader polling a store that a sweep is creating must not migrate the fresh file alongside it
+    (both then fail: "Online migration expected to match one row")."""
+    import threading
+
+    from attamba.locking import exclusive_lock
+
+    find_runs(f"sqlite:///{tmp_path / 'other.db'}", experiment)  # MLflow's lazy imports done: a reader is quick
+    store = tmp_path / "mlflow.db"
+    found: list = []
+    with exclusive_lock(store.with_name(store.name + ".lock")):  # as ensure_store holds it while creating
+        reader = threading.Thread(target=lambda: found.append(find_runs(f"sqlite:///{store}", experiment)))
+        reader.start()
+        reader.join(timeout=2.0)
+        assert reader.is_alive() and not store.exists()
+    reader.join(timeout=60)
+    assert found == [[]]
 
 
 @pytest.mark.slow
