@@ -262,6 +262,11 @@ def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
 
 
+def flat_params(config: Any) -> dict[str, Any]:
+    """A config dataclass as dotted-key parameters: what MLflow logs and the config hash reads."""
+    return flatten(to_dict(config))
+
+
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}} -> {"a.b": 1}``: the dotted keys users type as overrides."""
     flat: dict[str, Any] = {}

@@ -14,8 +14,8 @@ import hydra
 from omegaconf import DictConfig
 
 from attamba import CONF_DIR
-from attamba.config import (ChunkingConfig, Config, ModelConfig, SSMConfig, flatten, from_dictconfig,
-                            register_configs, to_dict)
+from attamba.config import (ChunkingConfig, Config, ModelConfig, SSMConfig, flat_params, from_dictconfig,
+                            register_configs)
 
 
 def resolve_match(config: Config) -> Config:
@@ -55,7 +55,7 @@ def resolve_output_dir(config: Config) -> Config:
 
     if config.train.output_dir is not None:
         return config
-    digest = config_hash(flatten(to_dict(config)))
+    digest = config_hash(flat_params(config))
     output_dir = f"{config.train.checkpoint_root}/{digest}"
     return dataclasses.replace(config, train=dataclasses.replace(config.train, output_dir=output_dir))
 
@@ -94,10 +94,9 @@ def _app(composed: DictConfig) -> float | None:
 
 
 def print_plan(config: Config) -> None:
-    from attamba.tracking import config_hash
     from launchers.sweep import SweepPoint, plan_table
 
-    print(plan_table([SweepPoint(0, (), config, config_hash(flatten(to_dict(config))))]))
+    print(plan_table([SweepPoint(0, (), config)]))
     print("plan only (+plan=true): nothing trained")
 
 

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from attamba import accounting, checkpoint, distributed
-from attamba.config import Config, flatten, to_dict
+from attamba.config import Config, flat_params, to_dict
 from attamba.models import NextTokenLoss, build_model
 
 StopCheck = Callable[[], bool]
@@ -167,7 +167,7 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
     from attamba.evaluate import evaluate_validation, evaluate_wikitext2
     import yaml
 
-    from attamba.tracking import RunTracker, config_hash, git_commit
+    from attamba.tracking import RunTracker, run_tags
 
     dist_info = distributed.detect()
     preflight(config)
@@ -178,7 +178,7 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
 
     tokenizer = build_tokenizer(config.data)
     config = replace(config, model=replace(config.model, vocab_size=tokenizer.vocab_size))
-    flat = flatten(to_dict(config))
+    flat = flat_params(config)
     torch.manual_seed(config.train.seed)
     model = build_model(config).to(device)
     optimizer = torch.optim.AdamW(
@@ -219,11 +219,7 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
 
     tracker = None
     if dist_info.is_main:
-        tags = {"attamba.family": config.model.family, "attamba.config_hash": config_hash(flat)}
-        if commit := git_commit():
-            tags["mlflow.source.git.commit"] = commit
-        if config.tracking.sweep:
-            tags["attamba.sweep"] = config.tracking.sweep
+        tags = run_tags(flat)
         if "CUDA_VISIBLE_DEVICES" in os.environ:  # which GPU a local sweep gave this run
             tags["attamba.cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
         if dist_info.enabled:

@@ -12,11 +12,12 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from attamba import accounting, checkpoint
-from attamba.config import Config, flatten, to_dict
+from attamba.config import Config, flat_params
 
 # A planning assumption, not a measurement: the share of an H200's bf16 peak a run sustains.
 PLAN_MFU = 0.35
@@ -28,7 +29,13 @@ class SweepPoint:
     index: int
     overrides: tuple[str, ...]
     config: Config
-    config_hash: str
+
+    @cached_property
+    def config_hash(self) -> str:
+        """The run's identity: the same configuration is the same run, whichever sweep asks for it."""
+        from attamba.tracking import config_hash
+
+        return config_hash(flat_params(self.config))
 
     @property
     def name(self) -> str:
@@ -59,8 +66,6 @@ def sweep_key(overrides: Sequence[str]) -> str:
 
 def prepare_points(job_overrides: Sequence[Sequence[str]], compose: Callable[[list[str]], Config]) -> list[SweepPoint]:
     """Compose and validate every point; raise one :class:`SweepError` listing every bad point."""
-    from attamba.tracking import config_hash
-
     seen: dict[tuple[str, ...], int] = {}
     errors: list[str] = []
     points: list[SweepPoint] = []
@@ -75,7 +80,7 @@ def prepare_points(job_overrides: Sequence[Sequence[str]], compose: Callable[[li
         except Exception as error:  # noqa: BLE001 - every composition failure is reported, with its point
             errors.append(f"point {index} ({' '.join(overrides) or 'no overrides'}): {_first_line(error)}")
             continue
-        points.append(SweepPoint(index, tuple(overrides), config, config_hash(flatten(to_dict(config)))))
+        points.append(SweepPoint(index, tuple(overrides), config))
     if errors:
         raise SweepError("invalid sweep, nothing was submitted:\n  " + "\n  ".join(errors))
     return points

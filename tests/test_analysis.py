@@ -24,7 +24,7 @@ from analysis import cli, lingua, tables
 from analysis.figures import DRAWERS, markdown_report, write_figure
 from analysis.runs import load_runs, metric_histories, parse_param
 from attamba import accounting
-from attamba.config import ChunkingConfig, Config, ModelConfig, SSMConfig, TrainConfig, flatten, to_dict
+from attamba.config import ChunkingConfig, Config, ModelConfig, SSMConfig, TrainConfig, flat_params
 from attamba.tracking import RunTracker, run_tags, start_parent_run
 from conftest import PAPER_RUNS, require_shared
 
@@ -67,7 +67,7 @@ def _log_run(uri: str, experiment: str, name: str, config: Config, sweep: str | 
              status: str, metric: str) -> dict[int, float]:
     """Log one run the way the trainer does; return the metric history written."""
     config.tracking.sweep = sweep
-    flat = flatten(to_dict(config))
+    flat = flat_params(config)
     history = {50: final + 2.0, 100: final} if final is not None else {}
     with RunTracker(uri, experiment, run_name=name, tags=run_tags(flat)) as tracker:
         tracker.log_params(flat)
