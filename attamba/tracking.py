@@ -420,10 +420,13 @@ def _tag_values(tags: dict[str, Any]) -> dict[str, str]:
 
 
 def reading_client(uri: str) -> MlflowClient:
-    """A client to read the store at ``uri`` once it exists. Opening a fresh sqlite file migrates
-    its schema, and a reader doing that while a training run creates the store breaks both, so
-    readers go through :func:`ensure_store`'s lock like writers."""
-    ensure_store(uri)
+    """A client to read the store at ``uri``. Opening a fresh sqlite file migrates its schema, and a
+    reader doing that while a training run creates the store breaks both: until the store exists,
+    readers go through :func:`ensure_store`'s lock like writers. An existing store is only read (it
+    may be read-only)."""
+    store = _local_store_path(uri)
+    if store is not None and not _store_created(uri, store.absolute()):
+        ensure_store(uri)
     return MlflowClient(tracking_uri=uri)
 
 
