@@ -141,5 +141,28 @@ def plan_table(points: Sequence[SweepPoint]) -> str:
     return "\n".join(lines)
 
 
+def named_apart(points: Sequence[SweepPoint]) -> list[SweepPoint]:
+    """``points``, where runs would share a name (a sweep over ``train.lr``: the name shows the model),
+    named with the overrides that set them apart, so the plan and the MLflow UI tell them apart.
+
+    The name is a tracking setting, so no point's identity (its config hash) changes.
+    """
+    by_name: dict[str, list[SweepPoint]] = {}
+    for point in points:
+        by_name.setdefault(point.name, []).append(point)
+    names: dict[int, str] = {}
+    for name, group in by_name.items():
+        if len(group) > 1:
+            shared = set.intersection(*(set(point.overrides) for point in group))
+            for point in group:
+                names[point.index] = " ".join([name, *(o for o in point.overrides if o not in shared)])
+    return [dataclasses.replace(point, config=_with_run_name(point.config, names[point.index]))
+            if point.index in names else point for point in points]
+
+
+def _with_run_name(config: Config, run_name: str) -> Config:
+    return dataclasses.replace(config, tracking=dataclasses.replace(config.tracking, run_name=run_name))
+
+
 def with_sweep(config: Config, sweep_name: str) -> Config:
     return dataclasses.replace(config, tracking=dataclasses.replace(config.tracking, sweep=sweep_name))

@@ -51,6 +51,18 @@ def test_plan_prints_the_matrix_and_submits_nothing(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_runs_that_would_share_a_name_are_named_by_what_sets_them_apart():
+    import attamba
+    from launchers.sweep import named_apart, prepare_points
+
+    sweep_points = [["experiment=smoke", f"train.lr={lr}", "chunking.size=4"] for lr in ("0.001", "0.003")]
+    points = prepare_points([*sweep_points, ["experiment=smoke", "chunking.size=2"]], attamba.load_config)
+    named = named_apart(points)
+    assert [point.name for point in named] == ["attamba-cyclic-P4-lead4 train.lr=0.001",
+                                               "attamba-cyclic-P4-lead4 train.lr=0.003", points[2].name]
+    assert [point.config_hash for point in named] == [point.config_hash for point in points]
+
+
 def test_local_sweep_tracks_one_parent_and_reruns_skip_finished(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     first = sweep(tmp_path, "chunking.size=2,4", "train.steps=6", "hydra.launcher.max_parallel=2")

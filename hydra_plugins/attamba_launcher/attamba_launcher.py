@@ -50,10 +50,12 @@ class AttambaLauncher(Launcher):
 
     def _launch(self, job_overrides: Sequence[Sequence[str]]) -> Sequence[JobReturn]:
         from attamba.tracking import RunTracker, ensure_store, find_runs, git_commit, start_parent_run
-        from launchers.sweep import SweepPoint, plan_table, prepare_points, sweep_key, unique, with_sweep
+        from launchers.sweep import (SweepPoint, named_apart, plan_table, prepare_points, sweep_key, unique,
+                                     with_sweep)
 
         points = prepare_points(job_overrides, self._compose)
         distinct, merged = unique(points)
+        distinct = named_apart(distinct)
         same_as: dict[int, tuple[SweepPoint, list[str]]] = {}
         for duplicate, kept in merged:
             same_as.setdefault(kept.index, (kept, []))[1].append(str(duplicate.index))
