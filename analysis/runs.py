@@ -1,9 +1,9 @@
 """Tracked runs as polars tables: one row per run, or one row per logged metric value.
 
 Reads any MLflow tracking URI through :class:`mlflow.tracking.MlflowClient` (opened by
-:func:`attamba.tracking.reading_client`); never imports the trainer. MLflow stores every param as a string, so each param column
-is typed back from its strings: ``"None"`` becomes null, and a column whose other
-values all read as booleans, integers or numbers gets that dtype.
+:func:`attamba.tracking.reading_client`); never imports the trainer. MLflow stores every param as
+a string, so each param column is typed back from its strings: ``"None"`` becomes null, and a
+column whose other values all read as booleans, integers or numbers gets that dtype.
 
 Columns of :func:`load_runs`:
 

@@ -156,13 +156,10 @@ def named_apart(points: Sequence[SweepPoint]) -> list[SweepPoint]:
             shared = set.intersection(*(set(point.overrides) for point in group))
             for point in group:
                 names[point.index] = " ".join([name, *(o for o in point.overrides if o not in shared)])
-    return [dataclasses.replace(point, config=_with_run_name(point.config, names[point.index]))
+    return [dataclasses.replace(point, config=with_tracking(point.config, run_name=names[point.index]))
             if point.index in names else point for point in points]
 
 
-def _with_run_name(config: Config, run_name: str) -> Config:
-    return dataclasses.replace(config, tracking=dataclasses.replace(config.tracking, run_name=run_name))
-
-
-def with_sweep(config: Config, sweep_name: str) -> Config:
-    return dataclasses.replace(config, tracking=dataclasses.replace(config.tracking, sweep=sweep_name))
+def with_tracking(config: Config, **settings: Any) -> Config:
+    """``config`` with these ``tracking`` settings (where a run is logged and under what name; never its hash)."""
+    return dataclasses.replace(config, tracking=dataclasses.replace(config.tracking, **settings))

@@ -36,6 +36,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _interpreter_reads_scalars_under_numpy_2_4()
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+README = REPO_ROOT / "README.md"
 SHARED = Path(os.environ.get("ATTAMBA_SHARED", REPO_ROOT.parent / "shared"))
 WIKITEXT2_TEST = SHARED / "data" / "wikitext-2" / "wiki.test.raw"
 PAPER_RUNS = SHARED / "data" / "attamba-paper-runs.tar.gz"

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from attamba.bench import _train_step, build_parser, learnable_tokens, main
+from conftest import README
 
 TINY = ["--device", "cpu", "--vocab", "256", "--steps", "1", "--warmup", "0"]
 
@@ -142,7 +143,7 @@ def test_trace_without_profile_is_refused_before_anything_runs(tmp_path, capsys)
 
 def _readme_bench_commands() -> list[str]:
     """Every attamba-bench command in the README's shell blocks, continuation lines joined, comments cut."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = README.read_text()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.DOTALL):
         for line in block.replace("\\\n", " ").splitlines():

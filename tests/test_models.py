@@ -4,7 +4,6 @@ import dataclasses
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch
 import attamba
 from attamba import Generator, NextTokenLoss, build_model
 from attamba.config import ChunkingConfig, Config, ModelConfig, SSMConfig
+from conftest import README
 
 STRATEGIES = ["uniform", "cyclic", "random", "pseudo"]
 
@@ -255,7 +255,7 @@ def test_compiled_model_trains_with_the_eager_gradients(device, attn_impl, ssm_i
 
 def test_the_readme_python_example_runs_as_printed():
     """The README's "Use it from Python" block, run as a script: the API it shows is the API we have."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = README.read_text()
     (example,) = re.findall(r"## Use it from Python\n\n```python\n(.*?)```", readme, re.S)
     result = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

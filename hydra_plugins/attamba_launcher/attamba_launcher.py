@@ -51,7 +51,7 @@ class AttambaLauncher(Launcher):
     def _launch(self, job_overrides: Sequence[Sequence[str]]) -> Sequence[JobReturn]:
         from attamba.tracking import RunTracker, ensure_store, find_runs, git_commit, start_parent_run
         from launchers.sweep import (SweepPoint, named_apart, plan_table, prepare_points, sweep_key, unique,
-                                     with_sweep)
+                                     with_tracking)
 
         points = prepare_points(job_overrides, self._compose)
         distinct, merged = unique(points)
@@ -85,7 +85,7 @@ class AttambaLauncher(Launcher):
         parent = start_parent_run(tracking.uri, tracking.experiment, sweep_name, tags={
             "attamba.sweep_key": key, "attamba.sweep_overrides": " ".join(command),
             "attamba.planned_runs": len(distinct), "mlflow.source.git.commit": git_commit() or "unknown"})
-        distinct = [dataclasses.replace(p, config=with_sweep(p.config, sweep_name)) for p in distinct]
+        distinct = [dataclasses.replace(p, config=with_tracking(p.config, sweep=sweep_name)) for p in distinct]
         # finished = trained to the end by an earlier run: a final checkpoint, or a FINISHED run in MLflow
         tracked = find_runs(tracking.uri, tracking.experiment, "attributes.status = 'FINISHED'")
         done = {run["tags"].get("attamba.config_hash") for run in tracked}
