@@ -25,11 +25,12 @@ from typing import Callable
 
 import torch
 
-from attamba import accounting, distributed
-from attamba.config import ChunkingConfig, ModelConfig, SSMConfig
+from attamba import accounting, distributed, hardware
+from attamba.config import COMPILE_MODES, ChunkingConfig, Config, ModelConfig, OptimConfig, SSMConfig, TrainConfig
+from attamba.data.prefetch import Prefetcher
 from attamba.inference import Generator
-from attamba.models import NextTokenLoss, build_model
-from attamba.trainer import compile_for_training, peak_flops
+from attamba.models import build_model
+from attamba.step import StepOutput, TrainStep, build_training
 
 
 def paper_models(vocab: int, strategy: str, size: int, lead: int, ssm_impl: str = "auto",
@@ -48,57 +49,79 @@ def _timed(fn: Callable[[], None], device: torch.device, repeats: int, warmup: i
     """Mean seconds per call after warmup (CUDA-synchronised)."""
     for _ in range(warmup):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    hardware.synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    hardware.synchronize(device)
     return (time.perf_counter() - start) / repeats
 
 
-def _train_step(loss_model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor,
-                autocast: torch.autocast) -> torch.Tensor:
-    """One optimizer step of a :class:`NextTokenLoss` over ``tokens [B, L+1]``; returns the loss, detached.
+class _Windows:
+    """Token windows ``[batch, context + 1]`` made on the host, as the trainer's loader makes them,
+    behind the trainer's :class:`Prefetcher` (pinned, copied without waiting)."""
 
-    The loss is cloned: under CUDA graphs (``reduce-overhead``) it lives in the graph's output buffer,
-    which the next step overwrites.
-    """
-    with autocast:
-        loss = loss_model(tokens[:, :-1], tokens[:, 1:])
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach().clone()
+    def __init__(self, make: Callable[[int], torch.Tensor]):
+        self.make, self.index = make, 0
+
+    def __next__(self) -> torch.Tensor:
+        self.index += 1
+        return self.make(self.index - 1)
+
+    def state_dict(self) -> dict:
+        return {"index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.index = state["index"]
+
+
+def run_config(model_cfg: ModelConfig, chunking: ChunkingConfig, context: int, batch: int,
+               compile_setting: str, compile_mode: str, lr: float = 1e-4) -> Config:
+    """A run of ``model_cfg`` as ``attamba-train`` would configure it, at ``batch`` x ``context`` tokens."""
+    train = TrainConfig(steps=1_000_000, batch_size=batch, seq_len=context, lr=lr, warmup=0,
+                        compile=compile_setting, compile_mode=compile_mode)
+    return Config(model=model_cfg, chunking=chunking, train=train)
+
+
+class _Trainer:
+    """The trainer's step of one run, fed as the trainer feeds it: ``step()`` trains one optimizer step."""
+
+    def __init__(self, config: Config, device: torch.device, windows: Callable[[int], torch.Tensor],
+                 info: distributed.DistInfo = distributed.DistInfo()):
+        self.device = device
+        self.train_step = TrainStep(build_training(config, device), config, device, info)
+        self.feed = Prefetcher(_Windows(windows), pin=device.type == "cuda")
+        self.steps = 0
+
+    def step(self) -> StepOutput:
+        self.steps += 1
+        return self.train_step([next(self.feed).to(self.device, non_blocking=True)], self.steps)
 
 
 def bench_training(model_cfg: ModelConfig, chunking: ChunkingConfig, context: int, batch: int, steps: int,
-                   warmup: int, compile_model: bool | str, device: torch.device, profile: int = 0,
+                   warmup: int, compile_setting: str, compile_mode: str, device: torch.device, profile: int = 0,
                    trace: Path | None = None) -> dict:
-    torch.manual_seed(0)
-    model = build_model(model_cfg, chunking).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    step_model = _compiled(NextTokenLoss(model), compile_model)
-    tokens = torch.randint(0, model_cfg.vocab_size, (batch, context + 1), device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    """Tokens/s of the trainer's own step (:class:`attamba.step.TrainStep`) over random tokens."""
+    config = run_config(model_cfg, chunking, context, batch, compile_setting, compile_mode)
+    trainer = _Trainer(config, device, lambda _: torch.randint(0, model_cfg.vocab_size, (batch, context + 1)))
 
     def train_step() -> None:
-        _train_step(step_model, optimizer, tokens, autocast)
+        trainer.step()
 
     compile_start = time.perf_counter()
     train_step()
+    hardware.synchronize(device)
     first_step_s = time.perf_counter() - compile_start
     if device.type == "cuda":  # the steady state's peak: compilation and autotuning use memory only once
-        torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     seconds = _timed(train_step, device, steps, warmup)
     host_ms = _host_ms(train_step, device)
     if profile:
         _profile(train_step, profile, trace)
+    trainer.feed.close()
     tokens_per_s = batch * context / seconds
-    peak = peak_flops(device)
+    peak = hardware.peak_flops(device)
     flops = accounting.flops_per_token(model_cfg, chunking, context, training=True)
     return {
         "tokens_per_s": tokens_per_s,
@@ -107,6 +130,7 @@ def bench_training(model_cfg: ModelConfig, chunking: ChunkingConfig, context: in
         "mfu": flops * tokens_per_s / peak if peak else None,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "first_step_s": first_step_s,
+        "compile": f"{trainer.train_step.compile_mode}" if trainer.train_step.compiled else "off",
         "params": accounting.param_count(model_cfg),
         "kv_bytes_per_token": accounting.kv_bytes_per_token(model_cfg, chunking, context),
     }
@@ -135,13 +159,6 @@ def _host_ms(step: Callable[[], None], device: torch.device) -> float | None:
     return None if host_s >= asleep_s else host_s * 1e3
 
 
-def _compiled(model: torch.nn.Module, compile_model: bool | str) -> torch.nn.Module:
-    """The model itself, or compiled as the trainer does (True: the default mode; a string: that mode)."""
-    if not compile_model:
-        return model
-    return compile_for_training(model, "default" if compile_model is True else compile_model)
-
-
 def learnable_tokens(batch: int, length: int, vocab: int, step: int, seed: int = 0) -> torch.Tensor:
     """A batch of a fixed random Markov chain (next = perm[token] 90% of the time): loss falls fast.
 
@@ -159,30 +176,28 @@ def learnable_tokens(batch: int, length: int, vocab: int, step: int, seed: int =
 
 
 def bench_ddp(model_cfg: ModelConfig, chunking: ChunkingConfig, context: int, global_batch: int, steps: int,
-              warmup: int, compile_model: bool | str, info: distributed.DistInfo, device: torch.device) -> dict:
-    """Data-parallel training as the trainer does it (DDP, then compile): tokens/s and the loss of every step.
+              warmup: int, compile_setting: str, compile_mode: str, info: distributed.DistInfo,
+              device: torch.device) -> dict:
+    """Data-parallel training with the trainer's step (DDP, then compile): tokens/s and the loss of every step.
 
     Every rank takes its rows of the same global batch, so a one-process run and an
     N-process run optimise the same objective and their loss curves can be compared.
     """
     if global_batch % info.world_size:
         raise ValueError(f"--tokens-per-step gives {global_batch} sequences, not divisible by {info.world_size} ranks")
-    torch.manual_seed(0)
-    model = build_model(model_cfg, chunking).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
-    step_model = _compiled(distributed.data_parallel(NextTokenLoss(model), info, device), compile_model)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    config = run_config(model_cfg, chunking, context, global_batch, compile_setting, compile_mode, lr=1e-3)
+    config = dataclasses.replace(config, optim=OptimConfig(weight_decay=0.0, clip=0.0))
+    trainer = _Trainer(config, device, lambda step: learnable_tokens(
+        global_batch, context + 1, model_cfg.vocab_size, step)[info.rank::info.world_size], info)
     losses = []
-    batches = [learnable_tokens(global_batch, context + 1, model_cfg.vocab_size, step)[info.rank::info.world_size]
-               .to(device) for step in range(warmup + steps)]  # made up front: the timed loop only trains
 
-    def train_step(step: int) -> None:
-        loss = _train_step(step_model, optimizer, batches[step], autocast)
-        losses.append(distributed.all_reduce_mean(loss, info))
+    def train_step() -> None:
+        losses.append(trainer.step().loss)
 
-    for step in range(warmup):
-        train_step(step)
-    seconds = _timed(lambda: train_step(len(losses)), device, steps, warmup=0)
+    for _ in range(warmup):
+        train_step()
+    seconds = _timed(train_step, device, steps, warmup=0)
+    trainer.feed.close()
     return {"world_size": info.world_size, "tokens_per_s": global_batch * context / seconds,
             "step_ms": seconds * 1e3, "losses": [float(loss) for loss in losses]}
 
@@ -377,8 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens-per-step", type=int, default=16 * 1024)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
-                        help="torch.compile the models (optionally with MODE, e.g. reduce-overhead for CUDA graphs)")
+    parser.add_argument("--compile", nargs="?", const="default", default="auto", metavar="MODE",
+                        choices=[*COMPILE_MODES, "off"],
+                        help="how the training step compiles: left out, as attamba-train does by default "
+                             "(train.compile=auto); bare, in torch.compile's default mode; else in MODE "
+                             "(e.g. reduce-overhead for CUDA graphs), or 'off' for eager")
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--strategy", default="cyclic")
     parser.add_argument("--chunk-size", type=int, default=8)
@@ -431,7 +449,8 @@ def main(argv: list[str] | None = None) -> None:
         for name, (cfg, chunking) in models.items():
             trace = _trace_path(args.trace, f"{name}-{context}")
             results[name] = _measure(lambda: bench_training(cfg, chunking, context, batch, args.steps, args.warmup,
-                                                            args.compile, device, args.profile, trace))
+                                                            *_compile_settings(args.compile), device,
+                                                            args.profile, trace))
             _progress("training", name, {"context": context, **results[name]})
         for name, result in results.items():
             rows.append({"model": name, "context": context, "batch": batch, **result,
@@ -476,7 +495,7 @@ def main(argv: list[str] | None = None) -> None:
               "kv_block": block_rows}
     print(f"# attamba-bench on {report['device']} ({report['date']}, torch {torch.__version__})\n")
     if rows:
-        print(markdown(rows, ["model", "context", "batch", "tokens_per_s", "speed_ratio", "step_ms", "host_ms",
+        print(markdown(rows, ["model", "context", "batch", "compile", "tokens_per_s", "speed_ratio", "step_ms", "host_ms",
                               "mfu", "peak_mem_gib", "mem_ratio", "kv_bytes_per_token", "error"]))
     if decode_rows:
         print("\n" + markdown(decode_rows, ["model", "decode_context", "decode_batch", "decode_tokens_per_s",
@@ -528,7 +547,7 @@ def _main_ddp(args: argparse.Namespace, models: dict) -> None:
     cfg, chunking = models[name]
     context = args.contexts[0]
     result = bench_ddp(cfg, chunking, context, max(1, args.tokens_per_step // context), args.steps, args.warmup,
-                       args.compile, info, device)
+                       *_compile_settings(args.compile), info, device)
     distributed.shutdown()
     if not info.is_main:
         return
@@ -537,6 +556,15 @@ def _main_ddp(args: argparse.Namespace, models: dict) -> None:
     print(json.dumps(report))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
+
+
+def _compile_settings(flag: str) -> tuple[str, str]:
+    """``--compile``'s value as ``train.compile`` and ``train.compile_mode``."""
+    if flag == "off":
+        return "false", "auto"
+    if flag == "auto":
+        return "auto", "auto"
+    return "true", flag
 
 
 def _device_name(device: torch.device) -> str:

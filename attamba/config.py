@@ -18,7 +18,8 @@ FAMILIES = ("attamba", "transformer", "mamba2")
 STRATEGIES = ("uniform", "cyclic", "random", "pseudo")
 SSM_IMPLS = ("auto", "reference", "blockdiag", "ssd", "triton", "tiled")
 ATTN_IMPLS = ("auto", "reference", "flash", "flex", "fused")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_SWITCHES = ("auto", "true", "false")
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 INIT_DEPTHS = ("none", "current", "global")
 MATCH_TARGETS = ("kv_cache", "flops", "params")
 DEVICES = ("auto", "cpu", "cuda")
@@ -204,10 +205,13 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    compile: bool = False
-    # default | reduce-overhead (CUDA graphs: no per-kernel launch cost on the host) |
-    # max-autotune | max-autotune-no-cudagraphs
-    compile_mode: str = "default"
+    # auto: compile on CUDA, not on the CPU (attamba.compilation.resolve_compile) | true | false
+    compile: str = "auto"
+    # auto: reduce-overhead on CUDA | default | reduce-overhead (CUDA graphs: no per-kernel launch
+    # cost on the host) | max-autotune | max-autotune-no-cudagraphs
+    compile_mode: str = "auto"
+    # Inductor's and Triton's caches, shared by the runs of a sweep (unless set in the environment)
+    compile_cache: str = "runs/compile-cache"
     # Checkpoints, resolved config and tokenizer. None = <checkpoint_root>/<config hash>, so
     # re-running the same command resumes (or skips, if finished) instead of training twice.
     output_dir: Optional[str] = None
@@ -220,6 +224,8 @@ class TrainConfig:
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _require(self.warmup >= 0, "train.warmup", f"must be >= 0, got {self.warmup}")
         _require_choice(self.device, "train.device", DEVICES)
+        self.compile = str(self.compile).lower()  # true/false typed on the command line arrive as bools
+        _require_choice(self.compile, "train.compile", COMPILE_SWITCHES)
         _require_choice(self.compile_mode, "train.compile_mode", COMPILE_MODES)
         _require(self.batch_size % self.grad_accum == 0, "train.grad_accum",
                  f"must divide train.batch_size={self.batch_size}, got {self.grad_accum}")

@@ -68,7 +68,10 @@ SCHEMES = ("sqlite", "file", "http", "https")
 # its finished runs. Kernel choices (model.*.impl, train.compile) stay in: they are
 # benchmarked against each other, so runs differing in them are different runs.
 HASH_EXCLUDED_PREFIXES = ("tracking.",)
-HASH_EXCLUDED_KEYS = frozenset({"train.output_dir", "train.checkpoint_root", "train.device", "data.root"})
+# Where a run is kept and how its step executes, not what it trains: the same run on any device,
+# compiled or not, resumes from the same checkpoints.
+HASH_EXCLUDED_KEYS = frozenset({"train.output_dir", "train.checkpoint_root", "train.device", "data.root",
+                                "train.compile", "train.compile_mode", "train.compile_cache"})
 CONFIG_HASH_LENGTH = 12
 
 HEALTH_TIMEOUT_S = 3.0  # an unreachable server must stop a launch within seconds

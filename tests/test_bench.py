@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from attamba.bench import _train_step, build_parser, learnable_tokens, main
+import attamba
+from attamba.bench import build_parser, learnable_tokens, main
+from attamba.step import TrainStep, build_training
 from conftest import README
 
 TINY = ["--device", "cpu", "--vocab", "256", "--steps", "1", "--warmup", "0"]
@@ -79,10 +81,11 @@ class _LossInOneBuffer(torch.nn.Module):
 
 def test_a_step_loss_outlives_the_next_step_that_reuses_its_buffer():
     """``--ddp --compile reduce-overhead`` read every loss after the run, overwritten by the next replay."""
-    model = _LossInOneBuffer()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    no_autocast = torch.autocast("cpu", enabled=False)
-    losses = [_train_step(model, optimizer, torch.full((1, 3), value), no_autocast) for value in (1, 2)]
+    config = attamba.load_config(["experiment=smoke", "train.compile=false"])
+    device = torch.device("cpu")
+    train_step = TrainStep(build_training(config, device), config, device)
+    train_step.loss_model = _LossInOneBuffer()
+    losses = [train_step([torch.full((1, 3), value)], step).loss for step, value in ((1, 1), (2, 2))]
     assert [loss.item() for loss in losses] == [1.0, 2.0]
 
 
@@ -110,7 +113,7 @@ def test_compiled_ddp_stays_split_at_its_buckets_in_every_mode(tmp_path):
     """Splitting at the buckets lets each all-reduce overlap the backward; under CUDA graphs too."""
     import torch.distributed as dist
 
-    from attamba.trainer import compile_for_training
+    from attamba.compilation import compile_for_training
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

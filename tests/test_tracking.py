@@ -98,16 +98,17 @@ def test_git_commit_reads_head_of_the_given_repository(git_repo: Path, tmp_path:
     assert git_commit(tmp_path) is None
 
 
-def test_config_hash_is_stable_and_ignores_only_where_a_run_goes():
+def test_config_hash_is_stable_and_ignores_only_where_and_how_a_run_executes():
     flat = flat_params(Config())
     digest = config_hash(flat)
     assert re.fullmatch(r"[0-9a-f]{12}", digest)
     assert config_hash(dict(reversed(list(flat.items())))) == digest
     relocated = {**flat, "tracking.uri": "http://127.0.0.1:1", "tracking.experiment": "other",
                  "tracking.run_name": "renamed", "tracking.sweep": "s", "train.output_dir": "/elsewhere",
-                 "train.device": "cuda", "data.root": "/data"}
+                 "train.device": "cuda", "data.root": "/data", "train.compile": "true",
+                 "train.compile_mode": "reduce-overhead", "train.compile_cache": "/cache"}
     assert config_hash(relocated) == digest
-    for key, value in [("model.dim", 256), ("chunking.size", 16), ("train.seed", 1), ("train.compile", True)]:
+    for key, value in [("model.dim", 256), ("chunking.size", 16), ("train.seed", 1)]:
         assert config_hash({**flat, key: value}) != digest, key
     # Pinned: a hash that changed between versions would make sweeps re-run finished work.
     expected = hashlib.sha256(b'[["model.dim",512]]').hexdigest()[:12]

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -89,26 +88,34 @@ def test_finished_run_is_not_trained_again(tmp_path, capsys):
 
 
 def test_tokens_per_second_leave_out_evaluation_and_checkpoints(tmp_path, monkeypatch):
-    """An evaluation that takes a second inside every logging interval does not slow the reported speed."""
+    """On an injected clock where each step takes 1 s, evaluations 100 s and checkpoints 50 s, every logging
+    interval reports one step's tokens per second, and the first step (compilation, warm-up) is timed alone."""
+    import attamba.checkpoint
     import attamba.evaluate
 
-    pause = 2.0
-    evaluate = attamba.evaluate.evaluate_validation
+    now = [0.0]
+    evaluate, save = attamba.evaluate.evaluate_validation, attamba.checkpoint.save
 
-    def slow_evaluation(*args, **kwargs):
-        time.sleep(pause)
-        return evaluate(*args, **kwargs)
+    def slow(call, seconds):
+        def wrapped(*args, **kwargs):
+            now[0] += seconds
+            return call(*args, **kwargs)
+        return wrapped
 
-    monkeypatch.setattr(attamba.evaluate, "evaluate_validation", slow_evaluation)
-    config = smoke_config(tmp_path, "train.steps=4", "train.log_every=2", "train.eval_every=1",
+    def one_second_per_step() -> bool:
+        now[0] += 1.0
+        return False
+
+    monkeypatch.setattr(attamba.evaluate, "evaluate_validation", slow(evaluate, 100.0))
+    monkeypatch.setattr(attamba.checkpoint, "save", slow(save, 50.0))
+    config = smoke_config(tmp_path, "train.steps=6", "train.log_every=2", "train.eval_every=1",
                           "train.checkpoint_every=1")
-    train(config)
+    train(config, stop_requested=one_second_per_step, clock=lambda: now[0])
     (run,) = find_runs(config.tracking.uri, "smoke")
-    tokens_per_interval = 2 * config.train.batch_size * config.train.seq_len
+    tokens_per_step = config.train.batch_size * config.train.seq_len
     speeds = metric_history(config.tracking.uri, run["run_id"], "speed/tokens_per_s")
-    assert [step for step, _ in speeds] == [2, 4]
-    for step, tokens_per_s in speeds:  # two tiny steps take far less than the pause that each interval holds
-        assert tokens_per_interval / tokens_per_s < pause / 2, step
+    assert speeds == [(2, tokens_per_step), (4, tokens_per_step), (6, tokens_per_step)]
+    assert metric_history(config.tracking.uri, run["run_id"], "speed/first_step_s") == [(1, 1.0)]
 
 
 def test_run_is_tracked_with_params_tags_metrics_and_artifacts(tmp_path):
@@ -137,7 +144,7 @@ def test_non_finite_loss_fails_the_run_with_the_reason(tmp_path):
 
     config = smoke_config(tmp_path, "train.steps=20", "train.lr=1e12", "train.warmup=0", "optim.clip=0",
                           "train.eval_every=100")
-    with pytest.raises(TrainingDiverged, match="non-finite"):
+    with pytest.raises(TrainingDiverged, match=r"non-finite training loss at step \d+ \(seen at the logging step"):
         train(config)
     (run,) = find_runs(config.tracking.uri, "smoke")
     assert run["status"] == "FAILED"
