@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from attamba import distributed
-from attamba.compilation import compile_for_training, resolve_compile
+from attamba.compilation import compile_for_training, resolve_compile, use_compile_cache
 from attamba.config import Config
 from attamba.models import NextTokenLoss, build_model
 
@@ -83,7 +83,10 @@ class TrainStep:
         self.grad_accum, self.clip = config.train.grad_accum, config.optim.clip
         self.compiled, self.compile_mode = resolve_compile(config.train, device)
         loss_model = distributed.data_parallel(NextTokenLoss(training.model), dist_info, device)
-        self.loss_model = compile_for_training(loss_model, self.compile_mode) if self.compiled else loss_model
+        self.loss_model = loss_model
+        if self.compiled:
+            use_compile_cache(config.train.compile_cache)
+            self.loss_model = compile_for_training(loss_model, self.compile_mode)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                          else contextlib.nullcontext())
         self._first_nonfinite = torch.zeros((), dtype=torch.long, device=device)  # 0: none so far

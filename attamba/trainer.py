@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from attamba import accounting, checkpoint, distributed, hardware
-from attamba.compilation import resolve_compile, use_compile_cache
+from attamba.compilation import resolve_compile
 from attamba.config import Config, flat_params, to_dict
 from attamba.progress import Progress
 from attamba.step import StepOutput, TrainStep, build_training
@@ -87,8 +87,6 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
     compiled, compile_mode = resolve_compile(config.train, device)
     config = replace(config, model=replace(config.model, vocab_size=tokenizer.vocab_size),
                      train=replace(config.train, compile=str(compiled).lower(), compile_mode=compile_mode))
-    if compiled:
-        use_compile_cache(config.train.compile_cache)
     flat = flat_params(config)
     training = build_training(config, device)
     model = training.model

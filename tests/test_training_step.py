@@ -140,3 +140,20 @@ def test_a_loader_error_is_raised_where_its_batch_was_due():
     assert [int(next(feed)[0, 0]) for _ in range(2)] == [1, 2]
     with pytest.raises(ValueError, match="train.seq_len"):
         next(feed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_evaluation_inside_training_compiles_nothing_more(tmp_path):
+    """Evaluations run the eager model: a run that evaluates every other step compiles the same graphs
+    as one that never does (``train.compile`` left at ``auto``: compiled, CUDA graphs)."""
+    from torch._dynamo.utils import counters
+
+    graphs = {}
+    for every in (2, 100):
+        counters.clear()
+        config = smoke_config(tmp_path, "train.device=cuda", "train.steps=6", f"train.eval_every={every}",
+                              f"tracking.experiment=every{every}", f"train.output_dir={tmp_path}/every{every}")
+        train(config)
+        graphs[every] = counters["stats"]["unique_graphs"]
+    assert graphs[2] == graphs[100] >= 1
