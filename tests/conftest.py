@@ -37,6 +37,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 README = REPO_ROOT / "README.md"
+PERFORMANCE = REPO_ROOT / "docs" / "performance.md"
 SHARED = Path(os.environ.get("ATTAMBA_SHARED", REPO_ROOT.parent / "shared"))
 WIKITEXT2_TEST = SHARED / "data" / "wikitext-2" / "wiki.test.raw"
 PAPER_RUNS = SHARED / "data" / "attamba-paper-runs.tar.gz"

@@ -16,7 +16,7 @@ import torch
 import attamba
 from attamba.bench import build_parser, learnable_tokens, main
 from attamba.step import TrainStep, build_training
-from conftest import README
+from conftest import PERFORMANCE, README
 
 TINY = ["--device", "cpu", "--vocab", "256", "--steps", "1", "--warmup", "0"]
 
@@ -144,21 +144,22 @@ def test_trace_without_profile_is_refused_before_anything_runs(tmp_path, capsys)
     assert "--trace" in capsys.readouterr().err and not any(tmp_path.iterdir())
 
 
-def _readme_bench_commands() -> list[str]:
-    """Every attamba-bench command in the README's shell blocks, continuation lines joined, comments cut."""
-    readme = README.read_text()
+def _documented_bench_commands() -> list[str]:
+    """Every attamba-bench command in the shell blocks of the README and docs/performance.md,
+    continuation lines joined, comments cut."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.DOTALL):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = line.split("#")[0].strip()
-            if "attamba.bench" in line or line.startswith("attamba-bench"):
-                commands.append(line)
+    for page in (README, PERFORMANCE):
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.DOTALL):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split("#")[0].strip()
+                if "attamba.bench" in line or line.startswith("attamba-bench"):
+                    commands.append(line)
     return commands
 
 
-def test_every_bench_command_in_the_readme_parses():
-    """The performance section tells readers which commands produced its tables: they must still run."""
-    commands = _readme_bench_commands()
+def test_every_documented_bench_command_parses():
+    """The performance pages tell readers which commands produced their tables: they must still run."""
+    commands = _documented_bench_commands()
     assert len(commands) >= 8
     parser = build_parser()
     for command in commands:
