@@ -4,6 +4,7 @@ resumable, compilation chosen per device and recorded as used, divergence still 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,21 @@ def test_steady_state_steps_never_wait_for_the_device(tmp_path, monkeypatch):
     assert {step: calls for step, calls in enumerate(per_step, 1) if calls and step not in (1, 3, 6, 7)} == {}
     assert "synchronize" in per_step[0]  # the first step (and its one-off set-up): timed as speed/first_step_s
     assert "item" in per_step[2]  # the logging step reads the loss (and so the test sees reads at all)
+
+
+def test_compiled_runs_keep_the_compiler_caches_where_the_sweep_shares_them(tmp_path, monkeypatch):
+    """Jobs of a sweep are separate processes: the same cache folders make the later ones reuse the graphs."""
+    import attamba
+    from attamba.step import TrainStep, build_training
+
+    for variable in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.setenv(variable, "")  # so that monkeypatch restores the variable after the test
+        monkeypatch.delenv(variable)
+    config = attamba.load_config(["experiment=smoke", "train.compile=true", f"train.compile_cache={tmp_path}/cc"])
+    step = TrainStep(build_training(config, CPU), config, CPU)
+    assert step.compiled and step.compile_mode == "default"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cc" / "inductor")
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "cc" / "triton")
 
 
 def test_a_non_finite_loss_fails_the_run_with_its_step_at_the_next_logging_step(tmp_path, monkeypatch):
