@@ -12,7 +12,7 @@ Columns of :func:`load_runs`:
 * one column per param, under its dotted key (``model.family``, ``chunking.size``, ...);
 * one ``tags.<name>`` column per tag;
 * per metric ``<key>``: the final value (at the highest step), ``<key>:step`` its step,
-  ``<key>:best`` the best value (lowest, or highest for ``speed/`` metrics) and
+  ``<key>:best`` the best value (lowest, or highest for ``speed/`` and accuracy metrics) and
   ``<key>:best_step``.
 """
 
@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 from attamba.tracking import TAG_PARENT_RUN, TAG_SWEEP_PARENT, reading_client
 
 HIGHER_IS_BETTER_PREFIXES = ("speed/",)
+HIGHER_IS_BETTER_SUFFIXES = ("/accuracy",)
 BASE_SCHEMA = {"run_id": pl.String, "run_name": pl.String, "experiment": pl.String, "status": pl.String,
                "start_time": pl.Int64, "parent_run_id": pl.String, "is_sweep_parent": pl.Boolean}
 
@@ -66,9 +67,9 @@ def _param_column(name: str, texts: Sequence[str | None]) -> pl.Series:
 
 
 def higher_is_better(key: str) -> bool:
-    """Whether a larger value of metric ``key`` is better (throughput); losses, perplexities,
-    memory and everything else improve downwards."""
-    return key.startswith(HIGHER_IS_BETTER_PREFIXES)
+    """Whether a larger value of metric ``key`` is better (throughput, accuracy); losses,
+    perplexities, memory and everything else improve downwards."""
+    return key.startswith(HIGHER_IS_BETTER_PREFIXES) or key.endswith(HIGHER_IS_BETTER_SUFFIXES)
 
 
 def _summarise(key: str, history: Sequence[tuple[int, float]]) -> dict[str, Any]:

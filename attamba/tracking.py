@@ -26,9 +26,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import random
 import sqlite3
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -88,10 +90,14 @@ def git_commit(repo_dir: str | Path | None = None) -> str | None:
     return result.stdout.strip() or None
 
 
+def hash_excluded(key: str) -> bool:
+    """Whether param ``key`` only says where a run executes or logs (``HASH_EXCLUDED_*``), not what it computes."""
+    return key in HASH_EXCLUDED_KEYS or key.startswith(HASH_EXCLUDED_PREFIXES)
+
+
 def config_hash(flat_params: dict[str, Any]) -> str:
     """A short, order-independent sha256 of a flattened config, ignoring ``HASH_EXCLUDED_*`` keys."""
-    kept = {key: value for key, value in flat_params.items()
-            if key not in HASH_EXCLUDED_KEYS and not key.startswith(HASH_EXCLUDED_PREFIXES)}
+    kept = {key: value for key, value in flat_params.items() if not hash_excluded(key)}
     canonical = json.dumps(sorted(kept.items()), default=str, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:CONFIG_HASH_LENGTH]
 
@@ -454,6 +460,25 @@ def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     """Every logged ``(step, value)`` of metric ``key`` in run ``run_id``, by step."""
     history = _retry_locked(reading_client(uri).get_metric_history, run_id, key)
     return sorted((metric.step, metric.value) for metric in history)
+
+
+def artifact_texts(uri: str, run_ids: Sequence[str], path: str) -> dict[str, str | None]:
+    """The text of artifact ``path`` (e.g. ``passkey.csv``) of each run in ``run_ids``; None for a run
+    without one."""
+    client = reading_client(uri)
+    folder = posixpath.dirname(path) or None
+    texts: dict[str, str | None] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for index, run_id in enumerate(run_ids):
+            listed = {item.path for item in _retry_locked(client.list_artifacts, run_id, folder)}
+            if path not in listed:
+                texts[run_id] = None
+                continue
+            target = Path(scratch) / str(index)
+            target.mkdir()
+            local = _retry_locked(client.download_artifacts, run_id, path, str(target))
+            texts[run_id] = Path(local).read_text()
+    return texts
 
 
 def start_parent_run(uri: str, experiment: str, sweep_name: str, tags: dict[str, Any]) -> str:
