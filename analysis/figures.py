@@ -87,7 +87,9 @@ def group_label(row: dict) -> str:
     for name in names[1:]:
         while not name.startswith(common):
             common = common[:-1]
-    return f"{common.rstrip(' _-=') or names[0]} ({row['n']} seeds)"
+    if " " in common:  # sweeps name runs "<model> <overrides>": keep the whole words they share
+        common = common[:common.rindex(" ")]
+    return f"{common.rstrip(' _-=') or names[0]} [{row['n']} seeds]"
 
 
 def _rel_diff_text(row: dict) -> str:
@@ -190,9 +192,9 @@ def draw_passkey(data: FigureData) -> Figure:
     columns = min(3, len(groups))
     rows_of_plots = -(-len(groups) // columns)
     fig, axes = plt.subplots(rows_of_plots, columns, figsize=(3.6 * columns + 0.8, 3.0 * rows_of_plots),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
     image = None
-    for ax, (_, cells) in zip(axes.flat, groups):
+    for index, (ax, (_, cells)) in enumerate(zip(axes.flat, groups)):
         lengths = sorted(cells["length"].unique().to_list())
         depths = sorted(cells["depth"].unique().to_list())
         grid = [[float("nan")] * len(lengths) for _ in depths]
@@ -206,7 +208,8 @@ def draw_passkey(data: FigureData) -> Figure:
         ax.set_xticks(range(len(lengths)), [str(length) for length in lengths])
         ax.set_yticks(range(len(depths)), [f"{depth:g}" for depth in depths])
         ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("needle depth (fraction of context)")
+        if index % columns == 0:
+            ax.set_ylabel("needle depth (fraction of context)")
         ax.set_title(group_label(cells.row(0, named=True)), fontsize=8)
         ax.grid(False)
     for ax in list(axes.flat)[len(groups):]:
