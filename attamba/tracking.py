@@ -436,9 +436,16 @@ def reading_client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
+def experiment_names(uri: str, with_runs: bool = False) -> list[str]:
+    """Names of the active experiments in the store at ``uri`` (only those holding a run, if ``with_runs``)."""
+    client = reading_client(uri)
+    return sorted(experiment.name for experiment in _retry_locked(client.search_experiments)
+                  if not with_runs or _retry_locked(client.search_runs, [experiment.experiment_id], max_results=1))
+
+
 def find_runs(uri: str, experiment: str, filter_string: str = "") -> list[dict[str, Any]]:
     """Runs of ``experiment`` matching an MLflow ``filter_string``, newest first, as plain dicts
-    (run_id, run_name, status, tags, params, metrics with their latest values)."""
+    (run_id, run_name, status, start_time in ms, tags, params, metrics with their latest values)."""
     client = reading_client(uri)
     found = _retry_locked(client.get_experiment_by_name, experiment)
     if found is None:
@@ -449,7 +456,7 @@ def find_runs(uri: str, experiment: str, filter_string: str = "") -> list[dict[s
         page = _retry_locked(client.search_runs, [found.experiment_id], filter_string,
                              order_by=["attributes.start_time DESC"], page_token=page_token)
         runs.extend({"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
-                     "tags": dict(run.data.tags), "params": dict(run.data.params),
+                     "start_time": run.info.start_time, "tags": dict(run.data.tags), "params": dict(run.data.params),
                      "metrics": dict(run.data.metrics)} for run in page)
         page_token = page.token
         if not page_token:
@@ -457,9 +464,11 @@ def find_runs(uri: str, experiment: str, filter_string: str = "") -> list[dict[s
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
-    """Every logged ``(step, value)`` of metric ``key`` in run ``run_id``, by step."""
+    """``(step, value)`` of metric ``key`` in run ``run_id``, by step; of values logged twice at one
+    step (a resumed run repeating steps), the one logged last."""
     history = _retry_locked(reading_client(uri).get_metric_history, run_id, key)
-    return sorted((metric.step, metric.value) for metric in history)
+    latest = {metric.step: metric for metric in sorted(history, key=lambda metric: metric.timestamp)}
+    return [(step, latest[step].value) for step in sorted(latest)]
 
 
 def artifact_texts(uri: str, run_ids: Sequence[str], path: str) -> dict[str, str | None]:
