@@ -356,6 +356,16 @@ def test_rel_diff_uncertainty_and_within_spread_by_hand(store: str, seeded: str)
     assert rows["a0"]["rel_diff"] is None
 
 
+def test_iso_kv_figure_marks_error_bars_and_spread(store: str, seeded: str, synthetic: dict) -> None:
+    seeds_figure = DRAWERS["iso-kv"](tables.iso_kv_table(load_runs(store, seeded)))
+    labels = {text.get_text() for text in seeds_figure.axes[0].texts}
+    assert {"-8.8% ± 3.5%", "≈-3.1% ± 2.5%", "-13.9%"} <= labels  # ≈: within the seed spread
+    errors = [bars.errorbar for bars in seeds_figure.axes[0].containers if hasattr(bars, "patches")]
+    assert errors and all(error is not None for error in errors)
+    single = DRAWERS["iso-kv"](tables.iso_kv_table(load_runs(store, "synthetic")))
+    assert all(bars.errorbar is None for bars in single.axes[0].containers if hasattr(bars, "patches"))
+
+
 def test_seed_groups_come_from_params_not_names(store: str, seeded: str) -> None:
     data = tables.pareto_table(load_runs(store, seeded))
     rows = _by_first_run(data.table)
