@@ -351,13 +351,13 @@ def _passkey_cells(text: str | None) -> pl.DataFrame | str:
         return f"no {PASSKEY_ARTIFACT} artifact"
     try:
         cells = pl.read_csv(text.encode())
+        missing = [column for column in PASSKEY_COLUMNS if column not in cells.columns]
+        if missing or cells.is_empty():
+            return f"{PASSKEY_ARTIFACT} lacks {', '.join(missing)}" if missing else f"{PASSKEY_ARTIFACT} is empty"
+        return cells.select(pl.col("length").cast(pl.Int64), pl.col("depth").cast(pl.Float64),
+                            pl.col("accuracy").cast(pl.Float64), pl.col("n").cast(pl.Int64).alias("trials"))
     except (pl.exceptions.PolarsError, ValueError) as error:
-        return f"{PASSKEY_ARTIFACT} unreadable: {error}"
-    missing = [column for column in PASSKEY_COLUMNS if column not in cells.columns]
-    if missing or cells.is_empty():
-        return f"{PASSKEY_ARTIFACT} lacks {', '.join(missing)}" if missing else f"{PASSKEY_ARTIFACT} is empty"
-    return cells.select(pl.col("length").cast(pl.Int64), pl.col("depth").cast(pl.Float64),
-                        pl.col("accuracy").cast(pl.Float64), pl.col("n").cast(pl.Int64).alias("trials"))
+        return f"{PASSKEY_ARTIFACT} unreadable: {str(error).splitlines()[0]}"
 
 
 def passkey_table(runs: pl.DataFrame, artifacts: dict[str, str | None]) -> FigureData:

@@ -276,7 +276,7 @@ def _seeded(config: Config, seed: int, **train: object) -> Config:
 
 ATT, KV = _config("attamba", size=8), _config("transformer", size=8, attn_dim=64, match="kv_cache")
 FLOPS, FULL = _config("transformer", size=8, attn_dim=480, match="flops"), _config("transformer")
-# name -> (config, sweep, final WikiText-2 perplexity, final MQAR accuracy, passkey.csv rows or None).
+# name -> (config, sweep, final WikiText-2 perplexity, final MQAR accuracy, passkey.csv rows, text or None).
 # Names say nothing of seeds: the groups must come from the params. "dup" is seed 1 of Attamba logged
 # before "a1" (a re-run); "a2" differs from a0/a1 only in where and how fast it ran.
 SEEDED = {
@@ -296,6 +296,7 @@ SEEDED = {
     "t0": (_seeded(FULL, 0), "iso", 28.0, 1.0, [(256, 0.0, 1.0, 2), (512, 0.5, 1.0, 2)]),
     "t1": (_seeded(FULL, 1), "iso", 29.0, 1.0, None),
     "lr": (_seeded(dataclasses.replace(ATT, train=dataclasses.replace(ATT.train, lr=1e-3)), 0), None, 40.0, None, None),
+    "ssm": (_seeded(_config("mamba2"), 0), None, 33.0, None, "length,depth,accuracy,n\nlong,0.5,1.0,4\n"),
 }
 
 
@@ -312,7 +313,8 @@ def seeded(store: str, tmp_path_factory: pytest.TempPathFactory) -> str:
         if cells is not None:
             artifact = folder / name / "passkey.csv"
             artifact.parent.mkdir()
-            artifact.write_text("length,depth,accuracy,n\n" + "".join(f"{l},{d},{a},{n}\n" for l, d, a, n in cells))
+            artifact.write_text(cells if isinstance(cells, str) else
+                                "length,depth,accuracy,n\n" + "".join(f"{l},{d},{a},{n}\n" for l, d, a, n in cells))
         _log_run(store, "seeds", name, config, sweep, wt2, "FINISHED", WT2, finals, artifact)
     return "seeds"
 
@@ -419,6 +421,7 @@ def test_passkey_heatmap_from_artifacts(store: str, seeded: str, tmp_path: Path)
     assert cells[("t0", 512, 0.5)] == (1.0, "", 1, 2)
     report = (tmp_path / "passkey.md").read_text()
     assert "a2: no passkey.csv artifact" in report
+    assert "ssm: passkey.csv unreadable: conversion from `str` to `i64` failed in column 'length'" in report
 
 
 def test_all_draws_seed_figures_and_skips_missing_ones(store: str, seeded: str, synthetic: dict, tmp_path: Path,
