@@ -157,8 +157,9 @@ def _draw_front(data: FigureData, title: str) -> Figure:
     family, the Pareto front marked and, when it is short, named."""
     fig, ax = plt.subplots(figsize=(7.0, 4.0))
     for index, (family, rows) in enumerate(data.table.group_by("family", maintain_order=True)):
-        ax.errorbar(rows["kv_bytes_per_token"], rows["mean"], yerr=_errors(rows), fmt=FAMILY_MARKERS.get(family[0], "D"),
-                    markersize=4.5, color=f"C{index}", capsize=2, elinewidth=0.8, label=family[0], zorder=3)
+        ax.errorbar(rows["kv_bytes_per_token"], rows["mean"], yerr=_errors(rows),
+                    fmt=FAMILY_MARKERS.get(family[0], "D"), markersize=4.5, color=f"C{index}", capsize=2,
+                    elinewidth=0.8, label=family[0], zorder=3)
     front = data.table.filter(pl.col("on_front")).sort("kv_bytes_per_token")
     ax.step(front["kv_bytes_per_token"], front["mean"], where="post", color="gray", linewidth=1, zorder=2)
     ax.scatter(front["kv_bytes_per_token"], front["mean"], s=90, facecolors="none", edgecolors="black",

@@ -1,8 +1,9 @@
 """Tracked runs as polars tables: one row per run, or one row per logged metric value.
 
-Reads any MLflow tracking URI through :mod:`attamba.tracking`'s query functions; never imports the trainer. MLflow stores every param as
-a string, so each param column is typed back from its strings: ``"None"`` becomes null, and a
-column whose other values all read as booleans, integers or numbers gets that dtype.
+Reads any MLflow tracking URI through :mod:`attamba.tracking`'s query functions; never imports
+the trainer. MLflow stores every param as a string, so each param column is typed back from its
+strings: ``"None"`` becomes null, and a column whose other values all read as booleans, integers
+or numbers gets that dtype.
 
 Columns of :func:`load_runs`:
 
