@@ -24,7 +24,7 @@ import pytest
 from analysis import cli, lingua, tables
 from analysis.figures import DRAWERS, markdown_report, write_figure
 from analysis.runs import load_runs, metric_histories, parse_param
-from attamba import accounting
+from attamba import accounting, tracking
 from attamba.config import ChunkingConfig, Config, ModelConfig, SSMConfig, TrainConfig, flat_params
 from attamba.tracking import RunTracker, run_tags, start_parent_run
 from conftest import PAPER_RUNS, require_shared
@@ -158,6 +158,18 @@ def test_metric_histories_hold_every_point(store: str, synthetic: dict) -> None:
     history = metric_histories(store, runs["run_id"].to_list(), [WT2, "train/loss"])
     assert history.filter(pl.col("key") == WT2).select("step", "value").rows() == sorted(synthetic["att-p4"].items())
     assert history.filter(pl.col("key") == "train/loss")["step"].to_list() == [25, 50, 75, 100]
+
+
+def test_a_step_logged_twice_reads_as_its_last_value(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resumed run repeats the steps after its last checkpoint: the value logged last counts."""
+    clock = iter([1000, 2000])
+    monkeypatch.setattr(tracking, "_now_ms", lambda: next(clock))
+    with RunTracker(store, "resumed", run_name="resumed") as tracker:
+        tracker.log_metrics({WT2: 40.0}, step=100)
+        tracker.log_metrics({WT2: 30.0}, step=100)
+    row = load_runs(store, "resumed").row(0, named=True)
+    assert (row[WT2], row[f"{WT2}:best"]) == (30.0, 30.0)
+    assert metric_histories(store, [row["run_id"]], [WT2]).select("step", "value").rows() == [(100, 30.0)]
 
 
 def test_unknown_experiment_is_a_value_error(store: str, synthetic: dict) -> None:
