@@ -3,11 +3,14 @@
     attamba-analyze import-lingua DIR... --experiment NAME [--tracking-uri URI]
     attamba-analyze iso-kv|pareto|leading-tokens|chunk-strategy|curves --experiment NAME... \
         [--tracking-uri URI] [--metric KEY] [--runs NAME...] --out DIR
+    attamba-analyze recall|passkey --experiment NAME... [--tracking-uri URI] --out DIR
     attamba-analyze all [--experiment NAME...] [--tracking-uri URI] [--metric KEY] --out DIR
 
 A figure command writes ``DIR/<figure>.{png,pdf,csv,md}`` and prints the Markdown
 table and the runs left out. ``all`` builds every figure each experiment supports
-into ``DIR/<experiment>/`` and says why it skips the others.
+into ``DIR/<experiment>/`` and says why it skips the others. ``recall`` and
+``passkey`` plot their own metrics (``eval/mqar/accuracy``, ``eval/passkey/accuracy``
+and each run's ``passkey.csv``); ``--metric`` chooses the others'.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import polars as pl
 from analysis import lingua, tables
 from analysis.figures import markdown_report, write_figure
 from analysis.runs import list_experiments, load_runs, metric_histories
+from attamba.tracking import artifact_texts
 
 DEFAULT_URI = "sqlite:///runs/mlflow.db"
 TABLES: dict[str, Callable[..., tables.FigureData]] = {
@@ -31,7 +35,8 @@ TABLES: dict[str, Callable[..., tables.FigureData]] = {
     "leading-tokens": tables.leading_tokens_table,
     "chunk-strategy": tables.chunk_strategy_table,
 }
-FIGURES = (*TABLES, "curves")
+OWN_METRIC = ("recall", "passkey")  # figures of one fixed metric: --metric does not apply
+FIGURES = (*TABLES, "curves", *OWN_METRIC)
 
 
 def build(name: str, uri: str, runs: pl.DataFrame, metric: str | None,
@@ -39,6 +44,12 @@ def build(name: str, uri: str, runs: pl.DataFrame, metric: str | None,
     """The :class:`FigureData` of figure ``name`` for ``runs`` (histories fetched for curves)."""
     if name in TABLES:
         return TABLES[name](runs, metric)
+    if name == "recall":
+        return tables.recall_table(runs)
+    if name == "passkey":
+        logged = tables.PASSKEY_METRIC in runs.columns
+        scored = runs.filter(pl.col(tables.PASSKEY_METRIC).is_not_null())["run_id"].to_list() if logged else []
+        return tables.passkey_table(runs, artifact_texts(uri, scored, tables.PASSKEY_ARTIFACT))
     chosen = tables.choose_metric(runs, metric)
     selected = runs.filter(pl.col("run_name").is_in(list(run_names))) if run_names else runs
     histories = metric_histories(uri, selected["run_id"].to_list(), [chosen.key])
@@ -103,15 +114,16 @@ def parser() -> argparse.ArgumentParser:
     for name in FIGURES:
         sub = commands.add_parser(name, help=f"draw the {name} figure and its table")
         sub.add_argument("--experiment", nargs="+", required=True)
-        sub.add_argument("--metric", help="metric key (default: WikiText-2 word perplexity, "
-                                          "else validation word perplexity)")
+        if name not in OWN_METRIC:
+            sub.add_argument("--metric", help="metric key (default: WikiText-2 word perplexity, "
+                                              "else validation word perplexity)")
         sub.add_argument("--out", required=True, type=Path)
         if name == "curves":
             sub.add_argument("--runs", nargs="+", metavar="NAME", help="run names to draw (default: all)")
         common(sub)
     every = commands.add_parser("all", help="every figure each experiment supports")
     every.add_argument("--experiment", nargs="+", help="default: every experiment with runs")
-    every.add_argument("--metric")
+    every.add_argument("--metric", help="metric key of the figures that take one (not recall, passkey)")
     every.add_argument("--out", required=True, type=Path)
     common(every)
     return top
@@ -119,8 +131,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command == "curves" or args.command in TABLES:
+    if args.command in FIGURES:
         args.runs = getattr(args, "runs", None)
+        args.metric = getattr(args, "metric", None)
         handler = _figure
     else:
         handler = {"import-lingua": _import, "all": _all}[args.command]

@@ -1,9 +1,9 @@
 """Tracked runs as polars tables: one row per run, or one row per logged metric value.
 
-Reads any MLflow tracking URI through :class:`mlflow.tracking.MlflowClient` (opened by
-:func:`attamba.tracking.reading_client`); never imports the trainer. MLflow stores every param as
-a string, so each param column is typed back from its strings: ``"None"`` becomes null, and a
-column whose other values all read as booleans, integers or numbers gets that dtype.
+Reads any MLflow tracking URI through :mod:`attamba.tracking`'s query functions; never imports
+the trainer. MLflow stores every param as a string, so each param column is typed back from its
+strings: ``"None"`` becomes null, and a column whose other values all read as booleans, integers
+or numbers gets that dtype.
 
 Columns of :func:`load_runs`:
 
@@ -12,21 +12,20 @@ Columns of :func:`load_runs`:
 * one column per param, under its dotted key (``model.family``, ``chunking.size``, ...);
 * one ``tags.<name>`` column per tag;
 * per metric ``<key>``: the final value (at the highest step), ``<key>:step`` its step,
-  ``<key>:best`` the best value (lowest, or highest for ``speed/`` metrics) and
+  ``<key>:best`` the best value (lowest, or highest for ``speed/`` and accuracy metrics) and
   ``<key>:best_step``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import polars as pl
-from mlflow.entities import Run
-from mlflow.tracking import MlflowClient
 
-from attamba.tracking import TAG_PARENT_RUN, TAG_SWEEP_PARENT, reading_client
+from attamba.tracking import TAG_PARENT_RUN, TAG_SWEEP_PARENT, experiment_names, find_runs, metric_history
 
 HIGHER_IS_BETTER_PREFIXES = ("speed/",)
+HIGHER_IS_BETTER_SUFFIXES = ("/accuracy",)
 BASE_SCHEMA = {"run_id": pl.String, "run_name": pl.String, "experiment": pl.String, "status": pl.String,
                "start_time": pl.Int64, "parent_run_id": pl.String, "is_sweep_parent": pl.Boolean}
 
@@ -66,9 +65,9 @@ def _param_column(name: str, texts: Sequence[str | None]) -> pl.Series:
 
 
 def higher_is_better(key: str) -> bool:
-    """Whether a larger value of metric ``key`` is better (throughput); losses, perplexities,
-    memory and everything else improve downwards."""
-    return key.startswith(HIGHER_IS_BETTER_PREFIXES)
+    """Whether a larger value of metric ``key`` is better (throughput, accuracy); losses,
+    perplexities, memory and everything else improve downwards."""
+    return key.startswith(HIGHER_IS_BETTER_PREFIXES) or key.endswith(HIGHER_IS_BETTER_SUFFIXES)
 
 
 def _summarise(key: str, history: Sequence[tuple[int, float]]) -> dict[str, Any]:
@@ -79,68 +78,36 @@ def _summarise(key: str, history: Sequence[tuple[int, float]]) -> dict[str, Any]
     return {key: final, f"{key}:step": final_step, f"{key}:best": best, f"{key}:best_step": best_step}
 
 
-def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
-    """``(step, value)`` of metric ``key`` sorted by step; of values logged twice at one step
-    (a resumed run), the later one."""
-    by_step: dict[int, tuple[int, float]] = {}
-    for metric in client.get_metric_history(run_id, key):
-        kept = by_step.get(metric.step)
-        if kept is None or metric.timestamp >= kept[0]:
-            by_step[metric.step] = (metric.timestamp, metric.value)
-    return [(step, value) for step, (_, value) in sorted(by_step.items())]
-
-
 # ----------------------------------------------------------------------------- runs
-
-
-def _experiment_ids(client: MlflowClient, experiments: Iterable[str]) -> dict[str, str]:
-    ids: dict[str, str] = {}
-    for name in experiments:
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            known = sorted(e.name for e in client.search_experiments())
-            raise ValueError(f"--experiment: no experiment {name!r} in this store; it has {', '.join(known) or 'none'}")
-        ids[experiment.experiment_id] = name
-    return ids
-
-
-def _search(client: MlflowClient, experiment_ids: list[str]) -> list[Run]:
-    runs: list[Run] = []
-    page_token = None
-    while True:
-        page = client.search_runs(experiment_ids, order_by=["attributes.start_time ASC"], page_token=page_token)
-        runs.extend(page)
-        page_token = page.token
-        if not page_token:
-            return runs
 
 
 def list_experiments(uri: str) -> list[str]:
     """Names of the active experiments in the store at ``uri`` that hold at least one run."""
-    client = reading_client(uri)
-    return sorted(experiment.name for experiment in client.search_experiments()
-                  if client.search_runs([experiment.experiment_id], max_results=1))
+    return experiment_names(uri, with_runs=True)
 
 
 def load_runs(uri: str, experiments: str | Sequence[str]) -> pl.DataFrame:
     """Every run of ``experiments`` in the store at ``uri``: params typed, final and best metric values."""
-    client = reading_client(uri)
     names = [experiments] if isinstance(experiments, str) else list(experiments)
-    id_to_name = _experiment_ids(client, names)
-    runs = _search(client, list(id_to_name))
+    known = experiment_names(uri)
+    for name in names:
+        if name not in known:
+            raise ValueError(f"--experiment: no experiment {name!r} in this store; it has {', '.join(known) or 'none'}")
+    found = sorted(((run, name) for name in names for run in find_runs(uri, name)),
+                   key=lambda pair: pair[0]["start_time"])
     rows: list[tuple[dict[str, Any], dict[str, str], dict[str, str]]] = []
-    for run in runs:
+    for run, experiment in found:
+        tags = run["tags"]
         row: dict[str, Any] = {
-            "run_id": run.info.run_id, "run_name": run.info.run_name,
-            "experiment": id_to_name[run.info.experiment_id], "status": run.info.status,
-            "start_time": run.info.start_time, "parent_run_id": run.data.tags.get(TAG_PARENT_RUN),
-            "is_sweep_parent": run.data.tags.get(TAG_SWEEP_PARENT) == "true",
+            "run_id": run["run_id"], "run_name": run["run_name"], "experiment": experiment,
+            "status": run["status"], "start_time": run["start_time"], "parent_run_id": tags.get(TAG_PARENT_RUN),
+            "is_sweep_parent": tags.get(TAG_SWEEP_PARENT) == "true",
         }
-        for key in sorted(run.data.metrics):
-            history = _history(client, run.info.run_id, key)
+        for key in sorted(run["metrics"]):
+            history = metric_history(uri, run["run_id"], key)
             if history:
                 row.update(_summarise(key, history))
-        rows.append((row, run.data.params, run.data.tags))
+        rows.append((row, run["params"], tags))
     return _frame(rows)
 
 
@@ -164,9 +131,8 @@ def _frame(rows: list[tuple[dict[str, Any], dict[str, str], dict[str, str]]]) ->
 def metric_histories(uri: str, run_ids: Sequence[str], keys: Sequence[str]) -> pl.DataFrame:
     """Long table ``run_id, key, step, value`` of every logged value of ``keys`` in ``run_ids``,
     sorted by run, key and step (one value per step: the last logged)."""
-    client = reading_client(uri)
     records = [(run_id, key, step, value)
                for run_id in run_ids for key in keys
-               for step, value in _history(client, run_id, key)]
+               for step, value in metric_history(uri, run_id, key)]
     return pl.DataFrame(records, schema={"run_id": pl.String, "key": pl.String, "step": pl.Int64,
                                          "value": pl.Float64}, orient="row")

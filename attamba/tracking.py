@@ -26,9 +26,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import random
 import sqlite3
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -91,10 +93,14 @@ def git_commit(repo_dir: str | Path | None = None) -> str | None:
     return result.stdout.strip() or None
 
 
+def hash_excluded(key: str) -> bool:
+    """Whether param ``key`` only says where a run executes or logs (``HASH_EXCLUDED_*``), not what it computes."""
+    return key in HASH_EXCLUDED_KEYS or key.startswith(HASH_EXCLUDED_PREFIXES)
+
+
 def config_hash(flat_params: dict[str, Any]) -> str:
     """A short, order-independent sha256 of a flattened config, ignoring ``HASH_EXCLUDED_*`` keys."""
-    kept = {key: value for key, value in flat_params.items()
-            if key not in HASH_EXCLUDED_KEYS and not key.startswith(HASH_EXCLUDED_PREFIXES)}
+    kept = {key: value for key, value in flat_params.items() if not hash_excluded(key)}
     canonical = json.dumps(sorted(kept.items()), default=str, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:CONFIG_HASH_LENGTH]
 
@@ -433,9 +439,16 @@ def reading_client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
+def experiment_names(uri: str, with_runs: bool = False) -> list[str]:
+    """Names of the active experiments in the store at ``uri`` (only those holding a run, if ``with_runs``)."""
+    client = reading_client(uri)
+    return sorted(experiment.name for experiment in _retry_locked(client.search_experiments)
+                  if not with_runs or _retry_locked(client.search_runs, [experiment.experiment_id], max_results=1))
+
+
 def find_runs(uri: str, experiment: str, filter_string: str = "") -> list[dict[str, Any]]:
     """Runs of ``experiment`` matching an MLflow ``filter_string``, newest first, as plain dicts
-    (run_id, run_name, status, tags, params, metrics with their latest values)."""
+    (run_id, run_name, status, start_time in ms, tags, params, metrics with their latest values)."""
     client = reading_client(uri)
     found = _retry_locked(client.get_experiment_by_name, experiment)
     if found is None:
@@ -446,7 +459,7 @@ def find_runs(uri: str, experiment: str, filter_string: str = "") -> list[dict[s
         page = _retry_locked(client.search_runs, [found.experiment_id], filter_string,
                              order_by=["attributes.start_time DESC"], page_token=page_token)
         runs.extend({"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
-                     "tags": dict(run.data.tags), "params": dict(run.data.params),
+                     "start_time": run.info.start_time, "tags": dict(run.data.tags), "params": dict(run.data.params),
                      "metrics": dict(run.data.metrics)} for run in page)
         page_token = page.token
         if not page_token:
@@ -454,9 +467,30 @@ def find_runs(uri: str, experiment: str, filter_string: str = "") -> list[dict[s
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
-    """Every logged ``(step, value)`` of metric ``key`` in run ``run_id``, by step."""
+    """``(step, value)`` of metric ``key`` in run ``run_id``, by step; of values logged twice at one
+    step (a resumed run repeating steps), the one logged last."""
     history = _retry_locked(reading_client(uri).get_metric_history, run_id, key)
-    return sorted((metric.step, metric.value) for metric in history)
+    latest = {metric.step: metric for metric in sorted(history, key=lambda metric: metric.timestamp)}
+    return [(step, latest[step].value) for step in sorted(latest)]
+
+
+def artifact_texts(uri: str, run_ids: Sequence[str], path: str) -> dict[str, str | None]:
+    """The text of artifact ``path`` (e.g. ``passkey.csv``) of each run in ``run_ids``; None for a run
+    without one."""
+    client = reading_client(uri)
+    folder = posixpath.dirname(path) or None
+    texts: dict[str, str | None] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for index, run_id in enumerate(run_ids):
+            listed = {item.path for item in _retry_locked(client.list_artifacts, run_id, folder)}
+            if path not in listed:
+                texts[run_id] = None
+                continue
+            target = Path(scratch) / str(index)
+            target.mkdir()
+            local = _retry_locked(client.download_artifacts, run_id, path, str(target))
+            texts[run_id] = Path(local).read_text()
+    return texts
 
 
 def start_parent_run(uri: str, experiment: str, sweep_name: str, tags: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ shared tarball. The oracles are the values logged or the numbers in the dump fil
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import shutil
@@ -23,7 +24,7 @@ import pytest
 from analysis import cli, lingua, tables
 from analysis.figures import DRAWERS, markdown_report, write_figure
 from analysis.runs import load_runs, metric_histories, parse_param
-from attamba import accounting
+from attamba import accounting, tracking
 from attamba.config import ChunkingConfig, Config, ModelConfig, SSMConfig, TrainConfig, flat_params
 from attamba.tracking import RunTracker, run_tags, start_parent_run
 from conftest import PAPER_RUNS, require_shared
@@ -64,8 +65,10 @@ SYNTHETIC = {
 
 
 def _log_run(uri: str, experiment: str, name: str, config: Config, sweep: str | None, final: float | None,
-             status: str, metric: str) -> dict[int, float]:
-    """Log one run the way the trainer does; return the metric history written."""
+             status: str, metric: str, final_metrics: dict[str, float] | None = None,
+             artifact: Path | None = None) -> dict[int, float]:
+    """Log one run the way the trainer does (``final_metrics`` and ``artifact`` as its final
+    evaluations log them); return the history of ``metric`` written."""
     config.tracking.sweep = sweep
     flat = flat_params(config)
     history = {50: final + 2.0, 100: final} if final is not None else {}
@@ -77,6 +80,9 @@ def _log_run(uri: str, experiment: str, name: str, config: Config, sweep: str | 
             tracker.log_metrics({"train/loss": 5.0 - step / 100}, step=step)
         for step, value in history.items():
             tracker.log_metrics({metric: value}, step=step)
+        tracker.log_metrics(final_metrics or {}, step=100)
+        if artifact is not None:
+            tracker.log_artifact(artifact)
         if status != "FINISHED":
             tracker.finish(status, reason="synthetic failure")
     return history
@@ -154,6 +160,18 @@ def test_metric_histories_hold_every_point(store: str, synthetic: dict) -> None:
     assert history.filter(pl.col("key") == "train/loss")["step"].to_list() == [25, 50, 75, 100]
 
 
+def test_a_step_logged_twice_reads_as_its_last_value(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resumed run repeats the steps after its last checkpoint: the value logged last counts."""
+    clock = iter([1000, 2000])
+    monkeypatch.setattr(tracking, "_now_ms", lambda: next(clock))
+    with RunTracker(store, "resumed", run_name="resumed") as tracker:
+        tracker.log_metrics({WT2: 40.0}, step=100)
+        tracker.log_metrics({WT2: 30.0}, step=100)
+    row = load_runs(store, "resumed").row(0, named=True)
+    assert (row[WT2], row[f"{WT2}:best"]) == (30.0, 30.0)
+    assert metric_histories(store, [row["run_id"]], [WT2]).select("step", "value").rows() == [(100, 30.0)]
+
+
 def test_unknown_experiment_is_a_value_error(store: str, synthetic: dict) -> None:
     with pytest.raises(ValueError, match="--experiment.*synthetic"):
         load_runs(store, "no-such-experiment")
@@ -178,9 +196,10 @@ def test_figure_command_writes_images_and_exact_numbers(store: str, synthetic: d
     assert rows, "a figure with an empty table"
     for row in rows:
         assert {"run_name", "family", "chunk_size", "leading_tokens", "attn_width", "kv_bytes_per_token",
-                "step", "value"} <= set(row)
+                "step", "mean", "std", "n", "seeds"} <= set(row)
         logged = synthetic[row["run_name"]]
-        assert float(row["value"]) == logged[int(row["step"])], row
+        assert float(row["mean"]) == logged[int(row["step"])], row
+        assert (row["std"], row["n"]) == ("", "1"), row  # one seed: no spread
     if figure != "curves":  # one row per run, at its final step
         assert len({row["run_name"] for row in rows}) == len(rows)
         assert all(int(row["step"]) == 100 for row in rows)
@@ -203,7 +222,7 @@ def test_iso_kv_roles_and_relative_difference(store: str, synthetic: dict) -> No
     report = markdown_report(data)
     (full_row,) = [line for line in report.splitlines() if line.startswith("| full |")]
     assert "| cyclic |" not in full_row  # a full transformer has no chunking to show
-    assert "`rel_diff`: Attamba's value" in report
+    assert "`rel_diff`: Attamba's mean" in report
     reasons = dict(data.excluded)
     assert "not in a sweep with matched baselines" in reasons["att-p8-l1"]
     assert "pseudo" in reasons["att-p8-pseudo"]
@@ -213,7 +232,7 @@ def test_pareto_lists_runs_without_a_kv_cache(store: str, synthetic: dict) -> No
     data = tables.pareto_table(load_runs(store, "synthetic"))
     assert "log axis" in dict(data.excluded)["ssm"]
     front = set(data.table.filter(pl.col("on_front"))["run_name"])
-    points = data.table.select("run_name", "kv_bytes_per_token", "value").rows()
+    points = data.table.select("run_name", "kv_bytes_per_token", "mean").rows()
     for name, kv, value in points:  # brute force: nothing is both smaller and better than a front point
         dominated = any(k <= kv and v <= value and (k < kv or v < value) for _, k, v in points)
         assert (name in front) == (not dominated)
@@ -255,6 +274,179 @@ def test_all_builds_every_supported_figure(store: str, synthetic: dict, validati
         assert (tmp_path / "synthetic" / f"{name}.png").is_file()
     assert (tmp_path / validation_only / "iso-kv.png").is_file()
     assert f"[{validation_only}] leading-tokens: skipped" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- seeds, recall, passkey
+
+MQAR = "eval/mqar/accuracy"
+PASSKEY = "eval/passkey/accuracy"
+
+
+def _seeded(config: Config, seed: int, **train: object) -> Config:
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed, **train))
+
+
+ATT, KV = _config("attamba", size=8), _config("transformer", size=8, attn_dim=64, match="kv_cache")
+FLOPS, FULL = _config("transformer", size=8, attn_dim=480, match="flops"), _config("transformer")
+# name -> (config, sweep, final WikiText-2 perplexity, final MQAR accuracy, passkey.csv rows, text or None).
+# Names say nothing of seeds: the groups must come from the params. "dup" is seed 1 of Attamba logged
+# before "a1" (a re-run); "a2" differs from a0/a1 only in where and how fast it ran.
+SEEDED = {
+    "dup": (_seeded(ATT, 1), "iso", 99.0, None, None),
+    "a0": (_seeded(ATT, 0), "iso", 30.0, 0.9, [(256, 0.0, 1.0, 4), (256, 0.5, 0.5, 4),
+                                                (512, 0.0, 0.75, 4), (512, 0.5, 0.25, 4)]),
+    "a1": (_seeded(ATT, 1), "iso", 31.0, 0.8, [(256, 0.0, 1.0, 4), (256, 0.5, 1.0, 4),
+                                                (512, 0.0, 0.25, 4), (512, 0.5, 0.25, 4)]),
+    "a2": (_seeded(ATT, 2, device="cpu", compile=True, output_dir="/elsewhere"), "iso", 32.0, 0.7, None),
+    "k0": (_seeded(KV, 0), "iso", 32.0, 0.5, None),
+    "k1": (_seeded(KV, 1), "iso", 34.0, 0.6, None),
+    "k2": (_seeded(KV, 2), "iso", 36.0, 0.7, None),
+    "f0": (_seeded(FLOPS, 0), "iso", 31.0, 0.4, None),
+    "f1": (_seeded(FLOPS, 1), "iso", 32.0, 0.5, None),
+    "f2": (_seeded(FLOPS, 2), "iso", 33.0, 0.6, None),
+    "w0": (_seeded(_config("transformer", size=8, window=64), 0), "iso", 36.0, None, None),
+    "t0": (_seeded(FULL, 0), "iso", 28.0, 1.0, [(256, 0.0, 1.0, 2), (512, 0.5, 1.0, 2)]),
+    "t1": (_seeded(FULL, 1), "iso", 29.0, 1.0, None),
+    "lr": (_seeded(dataclasses.replace(ATT, train=dataclasses.replace(ATT.train, lr=1e-3)), 0), None, 40.0, None, None),
+    "ssm": (_seeded(_config("mamba2"), 0), None, 33.0, None, "length,depth,accuracy,n\nlong,0.5,1.0,4\n"),
+}
+
+
+@pytest.fixture(scope="module")
+def seeded(store: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Seed replicates (``train.seed=0,1,2``) with WikiText-2, MQAR and passkey results."""
+    folder = tmp_path_factory.mktemp("passkey")
+    start_parent_run(store, "seeds", "iso", tags={})
+    for name, (config, sweep, wt2, mqar, cells) in SEEDED.items():
+        finals = {MQAR: mqar} if mqar is not None else {}
+        artifact = None
+        if name.startswith("a") or cells is not None:  # a2 logged the metric, but its passkey.csv is missing
+            finals[PASSKEY] = 0.5
+        if cells is not None:
+            artifact = folder / name / "passkey.csv"
+            artifact.parent.mkdir()
+            artifact.write_text(cells if isinstance(cells, str) else
+                                "length,depth,accuracy,n\n" + "".join(f"{l},{d},{a},{n}\n" for l, d, a, n in cells))
+        _log_run(store, "seeds", name, config, sweep, wt2, "FINISHED", WT2, finals, artifact)
+    return "seeds"
+
+
+def _by_first_run(table: pl.DataFrame) -> dict[str, dict]:
+    return {row["run_name"].split(", ")[0]: row for row in table.iter_rows(named=True)}
+
+
+def test_seed_groups_mean_std_n_by_hand(store: str, seeded: str) -> None:
+    data = tables.iso_kv_table(load_runs(store, seeded))
+    rows = _by_first_run(data.table)
+    assert set(rows) == {"a0", "k0", "f0", "w0", "t0"}
+    attamba = rows["a0"]
+    # 30, 31, 32: mean 31, deviations -1, 0, 1, sample variance (1 + 0 + 1) / 2 = 1
+    assert (attamba["mean"], attamba["std"], attamba["n"]) == (31.0, 1.0, 3)
+    assert attamba["run_name"] == "a0, a1, a2" and attamba["seeds"] == "0, 1, 2"
+    # 32, 34, 36: mean 34, sample variance (4 + 0 + 4) / 2 = 4
+    assert (rows["k0"]["mean"], rows["k0"]["std"], rows["k0"]["n"]) == (34.0, 2.0, 3)
+    # 28, 29: mean 28.5, sample variance (0.25 + 0.25) / 1 = 0.5
+    assert rows["t0"]["mean"] == 28.5 and rows["t0"]["std"] == pytest.approx(0.5 ** 0.5, rel=1e-12)
+    # one seed: its value, no spread
+    assert (rows["w0"]["mean"], rows["w0"]["std"], rows["w0"]["n"]) == (36.0, None, 1)
+    assert ("dup", "same settings as the later run a1") in data.excluded
+
+
+def test_rel_diff_uncertainty_and_within_spread_by_hand(store: str, seeded: str) -> None:
+    rows = _by_first_run(tables.iso_kv_table(load_runs(store, seeded)).table)
+    # iso-KV: 31/34 - 1; se = (31/34) sqrt((1/sqrt3/31)^2 + (2/sqrt3/34)^2) = 0.9118 * 0.03873;
+    # |31 - 34| = 3 > sqrt(1 + 4) = 2.24: resolved by the seeds
+    assert rows["k0"]["rel_diff"] == pytest.approx(-0.0882352941, rel=1e-9)
+    assert rows["k0"]["rel_diff_se"] == pytest.approx(0.0353155960, rel=1e-8)
+    assert rows["k0"]["within_spread"] is False
+    # iso-FLOPs 31, 32, 33: 31/32 - 1 = -0.03125; se = (31/32) sqrt((1/sqrt3/31)^2 + (1/sqrt3/32)^2);
+    # |31 - 32| = 1 < sqrt(1 + 1) = 1.41: within the seed spread
+    assert rows["f0"]["rel_diff"] == pytest.approx(-0.03125, rel=1e-12)
+    assert rows["f0"]["rel_diff_se"] == pytest.approx(0.0251200021, rel=1e-8)
+    assert rows["f0"]["within_spread"] is True
+    # one seed of the window baseline: a difference, but no uncertainty to give
+    assert rows["w0"]["rel_diff"] == pytest.approx(31 / 36 - 1, rel=1e-12)
+    assert rows["w0"]["rel_diff_se"] is None and rows["w0"]["within_spread"] is None
+    assert rows["a0"]["rel_diff"] is None
+
+
+def test_iso_kv_figure_marks_error_bars_and_spread(store: str, seeded: str, synthetic: dict) -> None:
+    seeds_figure = DRAWERS["iso-kv"](tables.iso_kv_table(load_runs(store, seeded)))
+    labels = {text.get_text() for text in seeds_figure.axes[0].texts}
+    assert {"-8.8% ± 3.5%", "≈-3.1% ± 2.5%", "-13.9%"} <= labels  # ≈: within the seed spread
+    errors = [bars.errorbar for bars in seeds_figure.axes[0].containers if hasattr(bars, "patches")]
+    assert errors and all(error is not None for error in errors)
+    single = DRAWERS["iso-kv"](tables.iso_kv_table(load_runs(store, "synthetic")))
+    assert all(bars.errorbar is None for bars in single.axes[0].containers if hasattr(bars, "patches"))
+
+
+def test_seed_groups_come_from_params_not_names(store: str, seeded: str) -> None:
+    data = tables.pareto_table(load_runs(store, seeded))
+    rows = _by_first_run(data.table)
+    # lr=1e-3 is another configuration: its own group, though its other params equal a0's
+    assert rows["lr"]["n"] == 1 and rows["lr"]["mean"] == 40.0
+    assert rows["a0"]["run_name"] == "a0, a1, a2"
+
+
+def test_seed_curves_have_per_step_spread(store: str, seeded: str) -> None:
+    runs = load_runs(store, seeded)
+    histories = metric_histories(store, runs["run_id"].to_list(), [WT2])
+    table = tables.curves_table(runs, histories).table
+    attamba = table.filter(pl.col("run_name") == "a0, a1, a2")
+    # step 50 logged final + 2: 32, 33, 34
+    assert attamba.select("step", "mean", "std", "n").rows() == [(50, 33.0, 1.0, 3), (100, 31.0, 1.0, 3)]
+
+
+def test_recall_against_kv_bytes_with_front(store: str, seeded: str, tmp_path: Path) -> None:
+    assert cli.main(["recall", "--experiment", seeded, "--tracking-uri", store, "--out", str(tmp_path)]) == 0
+    _check_images({suffix: tmp_path / f"recall.{suffix}" for suffix in ("png", "pdf")})
+    rows = {row["run_name"].split(", ")[0]: row for row in _csv_rows(tmp_path / "recall.csv")}
+    assert set(rows) == {"a0", "k0", "f0", "t0"}
+    # Attamba 0.9, 0.8, 0.7 (dup logged none); iso-KV 0.5, 0.6, 0.7; iso-FLOPs 0.4, 0.5, 0.6
+    assert float(rows["a0"]["mean"]) == pytest.approx(0.8) and float(rows["a0"]["std"]) == pytest.approx(0.1)
+    assert rows["a0"]["n"] == "3" and float(rows["k0"]["mean"]) == pytest.approx(0.6)
+    assert rows["t0"]["std"] == "0.0" and rows["t0"]["n"] == "2"
+    # iso-FLOPs (15360 B/token, 0.5) is beaten by Attamba (2616 B/token, 0.8); the others trade bytes for recall
+    assert {name for name, row in rows.items() if row["on_front"] == "true"} == {"a0", "k0", "t0"}
+    assert float(rows["a0"]["kv_bytes_per_token"]) == 2616.0
+
+
+def test_pareto_front_higher_is_better() -> None:
+    assert tables.pareto_front([1.0, 2.0, 3.0, 4.0], [0.5, 0.4, 0.9, 0.9], higher_is_better=True) == \
+        [True, False, True, False]
+
+
+def test_passkey_heatmap_from_artifacts(store: str, seeded: str, tmp_path: Path) -> None:
+    assert cli.main(["passkey", "--experiment", seeded, "--tracking-uri", store, "--out", str(tmp_path)]) == 0
+    _check_images({suffix: tmp_path / f"passkey.{suffix}" for suffix in ("png", "pdf")})
+    rows = _csv_rows(tmp_path / "passkey.csv")
+    cells = {(row["run_name"], int(row["length"]), float(row["depth"])):
+             (float(row["mean"]), row["std"], int(row["n"]), int(row["trials"])) for row in rows}
+    # a0 and a1 (a2's passkey.csv is missing): means of 1.0/1.0, 0.5/1.0, 0.75/0.25, 0.25/0.25,
+    # sample std of two values a, b: |a - b| / sqrt 2
+    half = f"{0.5 / 2 ** 0.5:.6g}"
+    assert {key: value for key, value in cells.items() if key[0] == "a0, a1"} == {
+        ("a0, a1", 256, 0.0): (1.0, "0.0", 2, 8), ("a0, a1", 256, 0.5): (0.75, cells[("a0, a1", 256, 0.5)][1], 2, 8),
+        ("a0, a1", 512, 0.0): (0.5, cells[("a0, a1", 512, 0.0)][1], 2, 8), ("a0, a1", 512, 0.5): (0.25, "0.0", 2, 8)}
+    assert f"{float(cells[('a0, a1', 256, 0.5)][1]):.6g}" == half == f"{float(cells[('a0, a1', 512, 0.0)][1]):.6g}"
+    # one seed of the full transformer wrote a table: n = 1, no spread
+    assert cells[("t0", 512, 0.5)] == (1.0, "", 1, 2)
+    report = (tmp_path / "passkey.md").read_text()
+    assert "a2: no passkey.csv artifact" in report
+    assert "ssm: passkey.csv unreadable: conversion from `str` to `i64` failed in column 'length'" in report
+
+
+def test_all_draws_seed_figures_and_skips_missing_ones(store: str, seeded: str, synthetic: dict, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["all", "--experiment", seeded, "synthetic", "--tracking-uri", store,
+                     "--out", str(tmp_path)]) == 0
+    for name in (*FIGURE_NAMES, "recall", "passkey"):
+        if name not in ("leading-tokens", "chunk-strategy"):
+            assert (tmp_path / seeded / f"{name}.md").is_file(), name
+    printed = capsys.readouterr().out
+    assert "[synthetic] recall: skipped: no run logged eval/mqar/accuracy" in printed
+    assert "[synthetic] passkey: skipped: no run logged eval/passkey/accuracy" in printed
+    assert "within_spread" in (tmp_path / seeded / "iso-kv.md").read_text()
 
 
 # ----------------------------------------------------------------------------- Lingua import
@@ -362,12 +554,12 @@ def test_paper_runs_full_import_and_figures(store: str, paper_runs: Path, tmp_pa
     assert cli.main(["all", "--tracking-uri", store, "--out", str(tmp_path),
                      "--experiment", "paper-comparative_runs", "paper-reported_runs", "paper-long_runs"]) == 0
     iso = _csv_rows(tmp_path / "paper-comparative_runs" / "iso-kv.csv")
-    values = {row["run_name"]: float(row["value"]) for row in iso}
+    values = {row["run_name"]: float(row["mean"]) for row in iso}
     assert round(values["isoAttentiveSSM4"], 4) == 33.5362
     for row in iso:  # every plotted number is the dump's last WikiText-2 result
         evals = (paper_runs / "comparative_runs" / row["run_name"] / "metrics.eval.jsonl").read_text()
         last = json.loads(evals.splitlines()[-1])
-        assert math.isclose(float(row["value"]), last["wikitext"]["word_perplexity,none"], rel_tol=1e-12)
+        assert math.isclose(float(row["mean"]), last["wikitext"]["word_perplexity,none"], rel_tol=1e-12)
         assert int(row["step"]) == last["global_step"]
     for experiment in ("paper-comparative_runs", "paper-reported_runs"):
         for name in ("iso-kv", "pareto", "curves") if experiment.startswith("paper-comp") else FIGURE_NAMES[1:]:
