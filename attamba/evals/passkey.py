@@ -88,10 +88,16 @@ def _trial_offsets(length: int, depth: float, trials: int, filler_size: int) -> 
     return [rng.randrange(filler_size) for _ in range(trials)]
 
 
-def _fixed_tokens(tokenizer: Tokenizer, key: str) -> tuple[list[int], list[int], list[int]]:
-    """The prompt's parts around the filler: ``[BOS] INTRO``, the needle, the question."""
-    return ([tokenizer.bos_id, *tokenizer.encode(INTRO)], tokenizer.encode(NEEDLE.format(key=key)),
-            tokenizer.encode(QUESTION))
+def _fixed_tokens(tokenizer: Tokenizer, key: str, length: int) -> tuple[list[int], list[int], list[int], int]:
+    """The prompt's parts around the filler (``[BOS] INTRO``, the needle, the question) and how many
+    filler tokens make it ``length`` long; a length too short for them names its setting."""
+    head, needle, question = ([tokenizer.bos_id, *tokenizer.encode(INTRO)], tokenizer.encode(NEEDLE.format(key=key)),
+                              tokenizer.encode(QUESTION))
+    fixed = len(head) + len(needle) + len(question)
+    if length < fixed:
+        raise ValueError(f"eval.passkey_lengths: {length} tokens cannot hold the passkey prompt without its filler "
+                         f"({fixed} tokens)")
+    return head, needle, question, length - fixed
 
 
 def check_lengths(lengths: Sequence[int], depths: Sequence[float], trials: int, tokenizer: Tokenizer,
@@ -102,10 +108,7 @@ def check_lengths(lengths: Sequence[int], depths: Sequence[float], trials: int, 
     for length in lengths:
         for depth in depths:
             for key in _trial_keys(length, depth, trials):
-                fixed = sum(len(part) for part in _fixed_tokens(tokenizer, key))
-                if length < fixed:
-                    raise ValueError(f"eval.passkey_lengths: {length} tokens cannot hold the passkey prompt "
-                                     f"without its filler ({fixed} tokens)")
+                _fixed_tokens(tokenizer, key, length)
 
 
 def filler_tokens(tokenizer: Tokenizer, documents: Sequence[str]) -> np.ndarray:
@@ -122,8 +125,7 @@ def passkey_prompts(tokenizer: Tokenizer, filler: np.ndarray, length: int, depth
     prompts = []
     keys = _trial_keys(length, depth, trials)
     for key, offset in zip(keys, _trial_offsets(length, depth, trials, len(filler))):
-        head, needle, question = _fixed_tokens(tokenizer, key)
-        count = length - len(head) - len(needle) - len(question)
+        head, needle, question, count = _fixed_tokens(tokenizer, key, length)
         text = filler[(offset + np.arange(count)) % len(filler)].tolist()
         before = round(depth * count)
         prompts.append(head + text[:before] + needle + text[before:] + question)
