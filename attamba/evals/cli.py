@@ -193,7 +193,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     try:
         metrics = evaluate(args)
     except ValueError as error:  # a bad argument or setting: one line naming it, no traceback

@@ -18,7 +18,7 @@ from attamba.data import Tokenizer, validation_documents
 from attamba.data.mqar import heldout_set
 from attamba.evals.mqar import evaluate_mqar
 from attamba.evals.passkey import evaluate_passkey
-from attamba.evaluate import evaluate_validation, evaluate_wikitext2
+from attamba import evaluate as scoring  # looked up at each call, so that tests can slow one down
 
 EVALUATIONS = ("val", "wikitext2", "passkey", "mqar")
 TEXT_EVALUATIONS = ("val", "wikitext2", "passkey")  # they read text: not for data=mqar's integers
@@ -34,7 +34,7 @@ def validation(model: nn.Module, tokenizer: Tokenizer, config: Config, device: t
     """``eval/val/*`` on ``documents`` (default: the first ``eval.val_batches`` held-out documents)."""
     if documents is None:
         documents = validation_documents(config.data, limit=config.eval.val_batches)
-    val = evaluate_validation(model, tokenizer, documents, eval_context(config), device=device,
+    val = scoring.evaluate_validation(model, tokenizer, documents, eval_context(config), device=device,
                               autocast_dtype=autocast_dtype)
     return {"eval/val/loss": val["loss"], "eval/val/word_perplexity": val["word_perplexity"]}
 
@@ -42,7 +42,7 @@ def validation(model: nn.Module, tokenizer: Tokenizer, config: Config, device: t
 def wikitext2(model: nn.Module, tokenizer: Tokenizer, config: Config, device: torch.device,
               autocast_dtype: Optional[torch.dtype]) -> dict[str, float]:
     """``eval/wikitext2/*`` on ``eval.wikitext2_path``."""
-    scores = evaluate_wikitext2(model, tokenizer, config.eval.wikitext2_path, eval_context(config), device=device,
+    scores = scoring.evaluate_wikitext2(model, tokenizer, config.eval.wikitext2_path, eval_context(config), device=device,
                                 autocast_dtype=autocast_dtype)
     return {f"eval/wikitext2/{key}": scores[key] for key in WIKITEXT2_METRICS}
 
