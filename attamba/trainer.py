@@ -250,7 +250,7 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
                                                 training=True) * tokens_per_step
     device_peak = peak_flops(device)
     mqar = config.data.source == "mqar"  # scored on recall of its held-out set, not on text
-    val_docs = validation_documents(config.data, limit=config.eval.val_batches) if dist_info.is_main and not mqar else []
+    val_docs = [] if mqar or not dist_info.is_main else validation_documents(config.data, limit=config.eval.val_batches)
     mqar_heldout = heldout_set(config.data, config.train.seq_len) if dist_info.is_main and mqar else None
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     final: dict[str, float] = {}

@@ -42,8 +42,8 @@ def validation(model: nn.Module, tokenizer: Tokenizer, config: Config, device: t
 def wikitext2(model: nn.Module, tokenizer: Tokenizer, config: Config, device: torch.device,
               autocast_dtype: Optional[torch.dtype]) -> dict[str, float]:
     """``eval/wikitext2/*`` on ``eval.wikitext2_path``."""
-    scores = scoring.evaluate_wikitext2(model, tokenizer, config.eval.wikitext2_path, eval_context(config), device=device,
-                                autocast_dtype=autocast_dtype)
+    scores = scoring.evaluate_wikitext2(model, tokenizer, config.eval.wikitext2_path, eval_context(config),
+                                        device=device, autocast_dtype=autocast_dtype)
     return {f"eval/wikitext2/{key}": scores[key] for key in WIKITEXT2_METRICS}
 
 
