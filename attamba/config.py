@@ -23,6 +23,10 @@ COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-auto
 INIT_DEPTHS = ("none", "current", "global")
 MATCH_TARGETS = ("kv_cache", "flops", "params")
 DEVICES = ("auto", "cpu", "cuda")
+SOURCES = ("default", "jsonl", "mqar")
+# RoPE turns positions into fp32 angles, and fp32 holds every integer only up to 2**24: past it,
+# neighbouring positions share one rotation. The longest sequence a RoPE family can run.
+ROPE_MAX_LENGTH = 2**24
 
 
 def _require(ok: bool, setting: str, message: str) -> None:
@@ -128,6 +132,12 @@ class ModelConfig:
         return self.width // self.n_heads
 
     @property
+    def max_length(self) -> Optional[int]:
+        """The longest sequence this model can run: RoPE families ``ROPE_MAX_LENGTH``; mamba2 has
+        no positions, so no limit (None)."""
+        return None if self.family == "mamba2" else ROPE_MAX_LENGTH
+
+    @property
     def width(self) -> int:
         """Width of the query (and, before GQA, key/value) projections."""
         return self.attn_dim if self.attn_dim is not None else self.dim
@@ -159,21 +169,34 @@ class ChunkingConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "default"  # default (embedded corpus) | jsonl
+    source: str = "default"  # default (embedded corpus) | jsonl | mqar (synthetic recall, attamba.data.mqar)
     paths: list[str] = field(default_factory=list)  # jsonl / jsonl.gz files or globs
-    tokenizer: str = "bpe"  # "bpe" (trained on the train split) or a .model / tokenizer.json path
-    vocab_size: int = 8192  # for the trained BPE
+    # "bpe" (trained on the train split), a .model / tokenizer.json path, or "integers" (MQAR's own vocabulary)
+    tokenizer: str = "bpe"
+    vocab_size: int = 8192  # for the trained BPE; MQAR's vocabulary of integers
     root: str = "runs/data"  # where the embedded corpus and tokenizers are prepared
     val_fraction: float = 0.05  # share of documents held out (default corpus)
     val_docs: int = 64  # documents held out from the stream (jsonl)
+    mqar_kv_pairs: int = 8  # key-value pairs per MQAR example, each queried once
+    mqar_power_a: float = 0.01  # Zoology's power law of the query positions: 1 uniform, small near the pairs
+    mqar_val_examples: int = 1000  # held-out MQAR examples scored at each evaluation
 
     def __post_init__(self) -> None:
-        _require_choice(self.source, "data.source", ("default", "jsonl"))
+        _require_choice(self.source, "data.source", SOURCES)
         _require_positive(self.vocab_size, "data.vocab_size")
         _require(0 < self.val_fraction < 1, "data.val_fraction",
                  f"must be in (0, 1), got {self.val_fraction}")
         if self.source == "jsonl":
             _require(len(self.paths) > 0, "data.paths", "data=jsonl needs at least one path")
+        if self.source == "mqar":
+            _require(self.tokenizer == "integers", "data.tokenizer",
+                     f"data=mqar reads its own integer tokens: use data.tokenizer=integers, got {self.tokenizer!r}")
+        else:
+            _require(self.tokenizer != "integers", "data.tokenizer",
+                     "integers is MQAR's vocabulary (data=mqar); text needs bpe or a tokenizer file")
+        _require_positive(self.mqar_kv_pairs, "data.mqar_kv_pairs")
+        _require(self.mqar_power_a > 0, "data.mqar_power_a", f"must be > 0, got {self.mqar_power_a}")
+        _require_positive(self.mqar_val_examples, "data.mqar_val_examples")
 
 
 @dataclass
@@ -237,6 +260,17 @@ class EvalConfig:
     wikitext2_every: int = 0  # 0: only at the end
     val_batches: int = 16  # batches of the held-out split per validation
     context: Optional[int] = None  # rolling-window context; None = train.seq_len
+    passkey: bool = False  # passkey retrieval at the end of training (attamba.evals.passkey)
+    passkey_lengths: Optional[list[int]] = None  # prompt lengths; None = 1/4, 1/2, 1 and 2 x train.seq_len
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # needle position
+    passkey_trials: int = 4  # prompts per length and depth
+
+    def __post_init__(self) -> None:
+        for length in self.passkey_lengths or []:
+            _require_positive(length, "eval.passkey_lengths")
+        _require(len(self.passkey_depths) > 0 and all(0 <= depth <= 1 for depth in self.passkey_depths),
+                 "eval.passkey_depths", f"must be fractions in [0, 1], got {self.passkey_depths}")
+        _require_positive(self.passkey_trials, "eval.passkey_trials")
 
 
 @dataclass
@@ -261,6 +295,37 @@ class Config:
         if self.model.family == "attamba":
             _require(self.train.seq_len >= self.chunking.size, "train.seq_len",
                      f"must be >= chunking.size={self.chunking.size}, got {self.train.seq_len}")
+        if self.data.source == "mqar":
+            self._check_mqar()
+        if self.eval.passkey:
+            check_passkey_lengths(self.passkey_lengths, self.model.max_length)
+
+    def _check_mqar(self) -> None:
+        """Zoology's conditions on an MQAR example, and no evaluation that needs text."""
+        seq_len, pairs = self.train.seq_len, self.data.mqar_kv_pairs
+        _require(seq_len % 2 == 0, "train.seq_len", f"MQAR places queries at even offsets: must be even, got {seq_len}")
+        _require(4 * pairs <= seq_len, "data.mqar_kv_pairs",
+                 f"{pairs} pairs and their queries need train.seq_len >= {4 * pairs}, got {seq_len}")
+        _require(self.data.vocab_size > seq_len, "data.vocab_size",
+                 f"MQAR needs a vocabulary larger than train.seq_len={seq_len}, got {self.data.vocab_size}")
+        _require(not self.eval.passkey, "eval.passkey", "data=mqar has no text to hide a passkey in")
+        _require(self.eval.wikitext2_path is None, "eval.wikitext2_path",
+                 "data=mqar's integer vocabulary cannot read WikiText-2")
+
+    @property
+    def passkey_lengths(self) -> list[int]:
+        """The passkey prompt lengths: ``eval.passkey_lengths``, or 1/4, 1/2, 1 and 2 x ``train.seq_len``."""
+        if self.eval.passkey_lengths is not None:
+            return list(self.eval.passkey_lengths)
+        seq_len = self.train.seq_len
+        return sorted({max(1, seq_len // 4), max(1, seq_len // 2), seq_len, 2 * seq_len})
+
+
+def check_passkey_lengths(lengths: list[int], max_length: Optional[int]) -> None:
+    """Refuse passkey lengths that the model cannot run (``max_length``; None: no limit)."""
+    for length in lengths:
+        _require(max_length is None or length <= max_length, "eval.passkey_lengths",
+                 f"{length} is beyond the {max_length} tokens this model supports")
 
 
 def to_dict(config: Any) -> dict:

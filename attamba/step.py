@@ -15,7 +15,7 @@ import torch
 from attamba import distributed
 from attamba.compilation import compile_for_training, resolve_compile, use_compile_cache
 from attamba.config import Config
-from attamba.models import NextTokenLoss, build_model
+from attamba.models import NextTokenLoss, build_model, split_batch
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -92,7 +92,8 @@ class TrainStep:
         self._first_nonfinite = torch.zeros((), dtype=torch.long, device=device)  # 0: none so far
 
     def __call__(self, windows: list[torch.Tensor], step: int) -> StepOutput:
-        """Train on ``windows`` (``grad_accum`` token windows ``[B, L + 1]`` on the device) as step ``step``."""
+        """Train on ``windows`` (``grad_accum`` micro-batches on the device, as :func:`split_batch` reads them)
+        as step ``step``."""
         if len(windows) != self.grad_accum:
             raise ValueError(f"train.grad_accum: the step takes {self.grad_accum} micro-batches, got {len(windows)}")
         model, optimizer, scheduler = self.training.model, self.training.optimizer, self.training.scheduler
@@ -101,7 +102,7 @@ class TrainStep:
         for micro, window in enumerate(windows):
             sync = micro == self.grad_accum - 1 or not self.dist_info.enabled
             with (contextlib.nullcontext() if sync else self.loss_model.no_sync()), self.autocast:
-                loss = self.loss_model(window[:, :-1], window[:, 1:])
+                loss = self.loss_model(*split_batch(window))
             (loss / self.grad_accum).backward()
             loss_sum += loss.detach()
         loss = distributed.all_reduce_mean(loss_sum / self.grad_accum, self.dist_info)

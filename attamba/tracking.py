@@ -61,6 +61,7 @@ TAG_SWEEP = "attamba.sweep"
 TAG_SWEEP_KEY = "attamba.sweep_key"
 TAG_SWEEP_PARENT = "attamba.sweep_parent"  # "true" on a sweep's parent run, absent on its children
 TAG_FAILURE_REASON = "attamba.failure_reason"
+TAG_EVALUATIONS = "attamba.evaluations"  # what attamba-eval added to a run, comma-separated
 
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 SCHEMES = ("sqlite", "file", "http", "https")
@@ -508,3 +509,48 @@ def start_parent_run(uri: str, experiment: str, sweep_name: str, tags: dict[str,
     tracker = RunTracker(uri, experiment, run_name=sweep_name,
                          run_id=reusable[0]["run_id"] if reusable else None, tags={**tags, **identity})
     return tracker.run_id
+
+
+def find_run(uri: str, run: str) -> dict[str, Any] | None:
+    """The run whose id, or else whose name, is ``run``, in any experiment of the store at ``uri``, as
+    :func:`find_runs` describes runs; None if there is none. A name shared by several runs is a
+    ``ValueError`` listing their ids. A local store that does not exist is not created."""
+    store = _local_store_path(uri)
+    if store is not None and not _store_created(uri, store.absolute()):
+        return None
+    client = reading_client(uri)
+    try:
+        found = [_retry_locked(client.get_run, run)]
+    except MlflowException as error:
+        if error.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        if "'" in run:
+            raise ValueError(f"RUN: a run name must not contain a single quote, got {run!r}") from None
+        experiments = [experiment.experiment_id for experiment in _retry_locked(client.search_experiments)]
+        found = list(_retry_locked(client.search_runs, experiments, f"attributes.run_name = '{run}'"))
+    if len(found) > 1:
+        raise ValueError(f"RUN: {len(found)} runs are named {run!r} ({', '.join(r.info.run_id for r in found)}); "
+                         "give a run id")
+    if not found:
+        return None
+    (match,) = found
+    return {"run_id": match.info.run_id, "run_name": match.info.run_name, "status": match.info.status,
+            "tags": dict(match.data.tags), "params": dict(match.data.params), "metrics": dict(match.data.metrics)}
+
+
+def log_evaluation(uri: str, run_id: str, metrics: dict[str, float], step: int, evaluations: Sequence[str],
+                   artifacts: Sequence[Path] = ()) -> None:
+    """Add evaluations of a trained run to it: ``metrics`` at ``step``, ``artifacts`` at the top of its
+    artifacts, and their names in ``attamba.evaluations`` (joined with those added before). Its
+    status and end time are left as they are."""
+    client = MlflowClient(tracking_uri=uri)
+    logged = _retry_locked(client.get_run, run_id).data.tags.get(TAG_EVALUATIONS, "")
+    names = sorted({*filter(None, logged.split(",")), *evaluations})
+    timestamp = _now_ms()
+    entries = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
+    for chunk in _chunks(entries, MAX_METRICS_PER_BATCH):
+        _retry_locked(client.log_batch, run_id, metrics=list(chunk), synchronous=True)
+    for path in artifacts:
+        _retry_locked(client.log_artifact, run_id, str(path))
+    tag = RunTag(TAG_EVALUATIONS, _truncate(",".join(names), MAX_TAG_VAL_LENGTH))
+    _retry_locked(client.log_batch, run_id, tags=[tag], synchronous=True)

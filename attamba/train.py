@@ -61,12 +61,13 @@ def resolve_output_dir(config: Config) -> Config:
 
 
 def resolve_vocab(config: Config) -> Config:
-    """The model's vocabulary is the tokenizer's: the BPE's configured size, or the given file's
-    (loading it here also rejects an unloadable tokenizer before any job is submitted)."""
-    from attamba.data import load_tokenizer
+    """The model's vocabulary is the tokenizer's: the BPE's configured size, or that of the given
+    file (loading it here also rejects an unloadable tokenizer before any job is submitted) or of
+    MQAR's integers."""
+    from attamba.data import build_tokenizer
 
     data = config.data
-    vocab = data.vocab_size if data.tokenizer == "bpe" else load_tokenizer(data.tokenizer).vocab_size
+    vocab = data.vocab_size if data.tokenizer == "bpe" else build_tokenizer(data).vocab_size
     return dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=vocab))
 
 

@@ -68,9 +68,11 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
 
     ``clock`` times the run (seconds, monotonic): tokens/s and the time to the first step.
     """
-    from attamba.data import PackedBatches, build_tokenizer, validation_documents
+    from attamba.data import build_batches, build_tokenizer, validation_documents
+    from attamba.data.mqar import heldout_set
     from attamba.data.prefetch import Prefetcher
-    from attamba.evaluate import evaluate_validation, evaluate_wikitext2
+    from attamba.evals import suite
+    from attamba.evals.passkey import check_lengths
     import yaml
 
     from attamba.tracking import RunTracker, run_tags
@@ -84,6 +86,9 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
     output.mkdir(parents=True, exist_ok=True)
 
     tokenizer = build_tokenizer(config.data)
+    if config.eval.passkey:  # it runs after training: refuse lengths it cannot use now
+        check_lengths(config.passkey_lengths, config.eval.passkey_depths, config.eval.passkey_trials, tokenizer,
+                      config.model.max_length)
     compiled, compile_mode = resolve_compile(config.train, device)
     config = replace(config, model=replace(config.model, vocab_size=tokenizer.vocab_size),
                      train=replace(config.train, compile=str(compiled).lower(), compile_mode=compile_mode))
@@ -94,7 +99,7 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
     if micro_batch < 1:
         raise ValueError(f"train.batch_size: {config.train.batch_size} is too small for grad_accum="
                          f"{config.train.grad_accum} × {dist_info.world_size} ranks")
-    batches = PackedBatches(config.data, tokenizer, micro_batch, config.train.seq_len,
+    batches = build_batches(config.data, tokenizer, micro_batch, config.train.seq_len,
                             rank=dist_info.rank, world_size=dist_info.world_size, seed=config.train.seed)
 
     step, run_id = 0, None
@@ -143,23 +148,35 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
     flops_per_step = accounting.flops_per_token(config.model, config.chunking, config.train.seq_len,
                                                 training=True) * tokens_per_step
     device_peak = hardware.peak_flops(device)
-    val_docs = validation_documents(config.data, limit=config.eval.val_batches) if dist_info.is_main else []
-    eval_context = config.eval.context or config.train.seq_len
+    mqar = config.data.source == "mqar"  # scored on recall of its held-out set, not on text
+    val_docs = [] if mqar or not dist_info.is_main else validation_documents(config.data, limit=config.eval.val_batches)
+    mqar_heldout = heldout_set(config.data, config.train.seq_len) if dist_info.is_main and mqar else None
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     final: dict[str, float] = {}
 
     def evaluate(at_step: int, wikitext: bool) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if dist_info.is_main:
-            val = evaluate_validation(model, tokenizer, val_docs, eval_context, device=device, autocast_dtype=amp_dtype)
-            metrics.update({"eval/val/loss": val["loss"], "eval/val/word_perplexity": val["word_perplexity"]})
+            if mqar:
+                metrics.update(suite.mqar(model, config, device, amp_dtype, examples=mqar_heldout))
+            else:
+                metrics.update(suite.validation(model, tokenizer, config, device, amp_dtype, documents=val_docs))
             if wikitext and config.eval.wikitext2_path:
-                wt = evaluate_wikitext2(model, tokenizer, config.eval.wikitext2_path, eval_context,
-                                        device=device, autocast_dtype=amp_dtype)
-                metrics.update({f"eval/wikitext2/{key}": wt[key]
-                                for key in ("word_perplexity", "byte_perplexity", "bits_per_byte")})
+                metrics.update(suite.wikitext2(model, tokenizer, config, device, amp_dtype))
             tracker.log_metrics(metrics, step=at_step)
             progress.message(f"eval @ {at_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        distributed.barrier(dist_info)
+        return metrics
+
+    def evaluate_passkey(at_step: int) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if dist_info.is_main:
+            metrics, tables = suite.passkey(model, tokenizer, config, device, amp_dtype, output)
+            tracker.log_metrics(metrics, step=at_step)
+            for path in tables:
+                tracker.log_artifact(path)
+            progress.message(f"passkey @ {at_step}: accuracy {metrics['eval/passkey/accuracy']:.4f} "
+                             f"({tables[-1]} has the table)")
         distributed.barrier(dist_info)
         return metrics
 
@@ -223,6 +240,8 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
                         save_checkpoint(step)
 
         final.update(evaluate(step, wikitext=True))
+        if config.eval.passkey:
+            final.update(evaluate_passkey(step))
         save_checkpoint(step)
         if tracker:
             tracker.log_dict(final, "final_metrics.json")

@@ -218,3 +218,11 @@ def test_two_process_ddp_run_tracks_once_from_rank_zero(tmp_path):
     assert run["status"] == "FINISHED" and run["tags"]["attamba.world_size"] == "2"
     history = metric_history(f"sqlite:///{tmp_path}/mlflow.db", run["run_id"], "train/loss")
     assert [step for step, _ in history] == [1, 2, 3, 4]
+
+
+def test_mqar_trains_and_logs_recall_at_each_evaluation(tmp_path):
+    config = smoke_config(tmp_path, "data=mqar", "data.vocab_size=128", "data.mqar_kv_pairs=4",
+                          "data.mqar_val_examples=64", "train.steps=6", "train.eval_every=3")
+    train(config)
+    (run,) = find_runs(config.tracking.uri, "smoke")
+    assert [s for s, _ in metric_history(config.tracking.uri, run["run_id"], "eval/mqar/accuracy")] == [3, 6]

@@ -19,6 +19,8 @@ from attamba.data.prepare import ensure_default_corpus
 def iter_documents(data: DataConfig, split: str) -> Iterator[str]:
     """Documents of ``split`` ("train" | "val"), streamed in a deterministic order."""
     check_split(split)
+    if data.source == "mqar":
+        raise ValueError("data.source: data=mqar generates integer examples (attamba.data.mqar), not documents")
     if data.source == "jsonl":
         return jsonl.iter_documents(data, split)
     directory = ensure_default_corpus(data.root, data.val_fraction)

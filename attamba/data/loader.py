@@ -26,6 +26,7 @@ import torch
 from attamba.config import DataConfig
 from attamba.data import corpus
 from attamba.data.jsonl import Shard, no_documents_error, read_shards
+from attamba.data.mqar import MQARBatches, integer_tokenizer
 from attamba.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
 
 SHUFFLE_BUFFER = 4096  # documents held for shuffling (the whole default corpus fits)
@@ -38,7 +39,10 @@ BPE_FORMAT = 1  # bump when train_bpe's recipe changes, so that cached files are
 
 def build_tokenizer(data: DataConfig) -> Tokenizer:
     """``data.tokenizer="bpe"``: the BPE trained on the training split (cached under
-    ``data.root/tokenizers`` by corpus and settings); otherwise the file at that path."""
+    ``data.root/tokenizers`` by corpus and settings); ``"integers"``: MQAR's vocabulary;
+    otherwise the file at that path."""
+    if data.tokenizer == "integers":
+        return integer_tokenizer(data.vocab_size)
     if data.tokenizer != "bpe":
         return load_tokenizer(data.tokenizer)
     settings = {"corpus": corpus.fingerprint(data), "vocab_size": data.vocab_size,
@@ -46,6 +50,15 @@ def build_tokenizer(data: DataConfig) -> Tokenizer:
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     texts = _first_characters(corpus.iter_documents(data, "train"), BPE_TRAIN_CHARS)
     return train_bpe(texts, data.vocab_size, Path(data.root) / "tokenizers", key)
+
+
+def build_batches(data: DataConfig, tokenizer: Tokenizer, batch_size: int, seq_len: int, rank: int = 0,
+                  world_size: int = 1, seed: int = 0) -> PackedBatches | MQARBatches:
+    """The training batches of ``data.source`` for one rank: packed text windows, or MQAR examples
+    (see :func:`attamba.models.split_batch` for both layouts)."""
+    if data.source == "mqar":
+        return MQARBatches(data, batch_size, seq_len, rank=rank, world_size=world_size, seed=seed)
+    return PackedBatches(data, tokenizer, batch_size, seq_len, rank=rank, world_size=world_size, seed=seed)
 
 
 def validation_documents(data: DataConfig, limit: int | None = None) -> list[str]:

@@ -6,7 +6,7 @@ from attamba.config import ChunkingConfig, Config, ModelConfig
 from attamba.models.attamba import AttambaAttention
 from attamba.models.layers import LanguageModel
 from attamba.models.mamba2 import Mamba2Mixer
-from attamba.models.objective import NextTokenLoss
+from attamba.models.objective import IGNORE_INDEX, NextTokenLoss, split_batch
 from attamba.models.transformer import Attention
 
 
@@ -25,4 +25,4 @@ def build_model(config: Config | ModelConfig, chunking: ChunkingConfig | None = 
     raise ValueError(f"model.family: got {model.family!r}, allowed values are attamba, transformer, mamba2")
 
 
-__all__ = ["build_model", "LanguageModel", "NextTokenLoss"]
+__all__ = ["IGNORE_INDEX", "build_model", "LanguageModel", "NextTokenLoss", "split_batch"]

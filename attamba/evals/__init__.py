@@ -1,0 +1,1 @@
+"""Evaluations beyond perplexity: recall (MQAR, passkey), lm-evaluation-harness, and ``attamba-eval``."""
