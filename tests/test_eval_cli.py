@@ -54,7 +54,7 @@ def test_evaluations_are_logged_into_the_run_they_evaluate(finished, store, caps
     assert after["run_id"] == run["run_id"] and after["status"] == "FINISHED"
     assert after["tags"]["attamba.evaluations"] == "passkey,val"
     assert [step for step, _ in metric_history(store, run["run_id"], "eval/passkey/accuracy")] == [2]
-    val = metric_history(store, run["run_id"], "eval/val/loss")
+    val = [(m.step, m.value) for m in MlflowClient(store).get_metric_history(run["run_id"], "eval/val/loss")]
     assert [step for step, _ in val] == [2, 2] and val[0][1] == pytest.approx(val[1][1], rel=1e-6)
     assert {"passkey.csv", "passkey.md"} <= {a.path for a in MlflowClient(store).list_artifacts(run["run_id"])}
 
@@ -62,7 +62,7 @@ def test_evaluations_are_logged_into_the_run_they_evaluate(finished, store, caps
     main([config.train.output_dir, "--evals", "val", "--tracking-uri", store])  # by the run's directory
     (after,) = find_runs(store, "smoke")
     assert after["tags"]["attamba.evaluations"] == "passkey,val"
-    assert len(metric_history(store, run["run_id"], "eval/val/loss")) == 4
+    assert len(MlflowClient(store).get_metric_history(run["run_id"], "eval/val/loss")) == 4
 
 
 def test_lm_eval_tasks_run_through_the_harness_module(finished, store, monkeypatch):
