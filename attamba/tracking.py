@@ -590,14 +590,17 @@ class RunTracker:
         return True
 
     def _unavailable(self) -> TrackingUnavailable:
-        kept = ""
-        if self._buffer:
-            where = f"are kept in {self.spill_path}" if self.spill_path is not None else "are lost"
-            kept = f"; the {len(self._buffer)} metric values it did not take {where}"
+        rerun = "rerun the same command once the store takes writes"
+        if not self._buffer:
+            then = rerun
+        elif self.spill_path is None:
+            then = f"the {len(self._buffer)} metric values it did not take are lost"
+        else:
+            then = (f"the {len(self._buffer)} metric values it did not take are kept in {self.spill_path}; "
+                    f"{rerun}: it resumes the run and logs them")
         return TrackingUnavailable(
             f"tracking.uri: {self._failure}, for {self._clock() - self._failing_since:.0f} s "
-            f"(tracking.unavailable_timeout_s={self.unavailable_timeout_s:g}){kept}; rerun the same command "
-            "once the store takes writes: it resumes the run and logs them")
+            f"(tracking.unavailable_timeout_s={self.unavailable_timeout_s:g}); {then}")
 
     def _spill(self, metrics: list[Metric]) -> None:
         if self.spill_path is None or not metrics:
