@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import random
+import re
 import sqlite3
 import subprocess
 import time
@@ -332,8 +333,8 @@ def _causes(error: BaseException) -> Iterator[BaseException]:
 
 def _store_failure(uri: str, error: Exception) -> str | None:
     """Why the store did not take a write, when it is a state of the store that may pass (a server
-    that does not answer or answers with 5xx, a full disk, a sqlite file locked for too long); None
-    for an error in the request itself, which waiting cannot cure."""
+    that does not answer or answers 5xx, a full disk, a sqlite database that fails a write: locked
+    for too long, an I/O error); None for an error in the request itself, which waiting cannot cure."""
     store = _local_store_path(uri)
     for cause in _causes(error):
         if isinstance(cause, requests.exceptions.Timeout):
@@ -341,8 +342,12 @@ def _store_failure(uri: str, error: Exception) -> str | None:
         if isinstance(cause, requests.exceptions.ConnectionError):
             detail = "connection refused" if "Connection refused" in str(cause) else "connection failed"
             return f"the MLflow server at {uri} does not answer ({detail})"
-        if isinstance(cause, requests.exceptions.RequestException):  # 5xx after our single try
-            return f"the MLflow server at {uri} answers with errors ({str(cause).splitlines()[0][-200:]})"
+        if isinstance(cause, requests.exceptions.RetryError):  # 5xx, after our single try
+            status = re.search(r"too many (\d+) error responses", str(cause))
+            return f"the MLflow server at {uri} answers HTTP {status.group(1) if status else '5xx'}"
+        if isinstance(cause, requests.exceptions.HTTPError) and cause.response is not None \
+                and cause.response.status_code >= 500:  # an artifact upload
+            return f"the MLflow server at {uri} answers HTTP {cause.response.status_code}"
         disk_full = (isinstance(cause, OSError) and cause.errno == errno.ENOSPC) or (
             isinstance(cause, sqlite3.OperationalError) and "disk is full" in str(cause))
         if disk_full and store is not None:

@@ -55,7 +55,7 @@ from attamba.tracking import (
     start_parent_run,
 )
 from attamba.trainer import train
-from mlflow_server import RestartableServer, free_port
+from mlflow_server import RestartableServer, free_port, start_mlflow_server, stop_mlflow_server
 from test_trainer import smoke_config
 
 PARALLEL_JOBS = 8
@@ -589,6 +589,30 @@ def test_a_full_disk_under_a_sqlite_store_is_named_and_loses_no_value(small_disk
     assert _history(uri, tracker.run_id, "train/loss") == [(0, 1.0), *values]
     assert _history(uri, tracker.run_id, "train/lr") == values
     assert MlflowClient(tracking_uri=uri).get_run(tracker.run_id).info.status == "FINISHED"
+
+
+def test_a_server_on_a_full_disk_is_tried_again_and_gets_every_value_once_there_is_space(small_disk: Path,
+                                                                                          experiment: str):
+    url, process = start_mlflow_server(small_disk)
+    try:
+        clock = FakeClock()
+        tracker = RunTracker(url, experiment, flush_every=10_000, unavailable_timeout_s=60, clock=clock,
+                             sleep=clock.sleep)
+        filler = _fill(small_disk)
+        values = [(step, 1.0 / (step + 1)) for step in range(1000)]
+        for step, value in values:
+            tracker.log_metrics({"train/loss": value, "train/lr": value}, step)
+        assert not tracker.flush()  # the server's store cannot grow: it answers 503, and the values stay
+        clock.now += 60
+        assert str(tracker.store_lost()).startswith(f"tracking.uri: the MLflow server at {url} answers HTTP 503, "
+                                                    "for 60 s (tracking.unavailable_timeout_s=60); the 2000 metric "
+                                                    "values it did not take are lost")  # no spill file given
+        filler.unlink()
+        tracker.finish()
+        assert _history(url, tracker.run_id, "train/loss") == values
+        assert MlflowClient(tracking_uri=url).get_run(tracker.run_id).info.status == "FINISHED"
+    finally:
+        stop_mlflow_server(process)
 
 
 def test_attamba_train_on_a_full_store_disk_stops_with_one_line(small_disk: Path, tmp_path: Path):
