@@ -466,9 +466,9 @@ class RunTracker:
         logged = self._call(self._client.get_run, self.run_id).data.params
         new: dict[str, str] = {}
         for key, value in flat.items():
-            text = _truncate(str(value), MAX_PARAM_VAL_LENGTH)
             if key in UNLOGGED_PARAMS:
                 continue
+            text = _truncate(str(value), MAX_PARAM_VAL_LENGTH)
             if key not in logged:
                 new[key] = text
             elif logged[key] != text:
