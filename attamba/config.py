@@ -279,6 +279,13 @@ class TrackingConfig:
     experiment: str = "attamba"
     run_name: Optional[str] = None
     sweep: Optional[str] = None  # set by sweeps: the parent run's name
+    # How long training goes on while the store refuses writes (server down, disk full) before the
+    # run stops with a checkpoint; README, "Sweeps, MLflow, figures", has the policy.
+    unavailable_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        _require(self.unavailable_timeout_s >= 0, "tracking.unavailable_timeout_s",
+                 f"must be >= 0 seconds, got {self.unavailable_timeout_s!r}")
 
 
 @dataclass

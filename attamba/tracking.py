@@ -16,6 +16,9 @@ A training run uses it like this::
         tracker.log_metrics({"train/loss": loss}, step)  # buffered, sent in batches
     # leaving the block marks the run FINISHED, or FAILED with the exception
 
+When the store stops taking writes (the server is down, the disk under a local store
+is full), training goes on: see :class:`RunTracker` for the policy.
+
 Stores: ``sqlite:///path.db`` (artifacts in ``mlartifacts/`` next to the
 database), ``http(s)://`` MLflow servers, and ``file:`` or plain directory
 paths (MLflow 3 accepts those only with ``MLFLOW_ALLOW_FILE_STORE=true``).
@@ -23,25 +26,33 @@ paths (MLflow 3 accepts those only with ``MLFLOW_ALLOW_FILE_STORE=true``).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import random
+import re
 import sqlite3
 import subprocess
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 from urllib.parse import urlparse
 
+import requests
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+from mlflow.environment_variables import (
+    MLFLOW_ALLOW_FILE_STORE,
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    MLFLOW_HTTP_REQUEST_TIMEOUT,
+)
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import (
@@ -51,6 +62,7 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
+from attamba.config import TrackingConfig
 from attamba.locking import exclusive_lock
 
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
@@ -68,17 +80,28 @@ SCHEMES = ("sqlite", "file", "http", "https")
 
 # Settings that do not change what a run computes, only where it runs or where its
 # outputs land; the config hash ignores them so that a re-launched sweep recognises
-# its finished runs. Kernel choices (model.*.impl, train.compile) stay in: they are
-# benchmarked against each other, so runs differing in them are different runs.
+# its finished runs. Kernel choices (model.*.impl) stay in: they are benchmarked against
+# each other, so runs differing in them are different runs.
 HASH_EXCLUDED_PREFIXES = ("tracking.",)
 # Where a run is kept and how its step executes, not what it trains: the same run on any device,
 # compiled or not, resumes from the same checkpoints.
 HASH_EXCLUDED_KEYS = frozenset({"train.output_dir", "train.checkpoint_root", "train.device", "data.root",
                                 "train.compile", "train.compile_mode", "train.compile_cache"})
+# How long to wait for the store says nothing about a run, and a rerun may change it: logged as a
+# param, a changed value would be refused (MLflow params cannot change).
+UNLOGGED_PARAMS = frozenset({"tracking.unavailable_timeout_s"})
 CONFIG_HASH_LENGTH = 12
 
 HEALTH_TIMEOUT_S = 3.0  # an unreachable server must stop a launch within seconds
 SQLITE_LOCKED_RETRIES = 8  # on top of MLflow's own 20 s sqlite busy timeout
+
+# A store that refuses writes is tried again after 1, 2, 4, ... s, at most RETRY_MAX_S apart. Each
+# try is one HTTP request with a short timeout: MLflow's own retries (7, up to 120 s each) are what
+# used to hang training for minutes inside one flush.
+RETRY_FIRST_S = 1.0
+RETRY_MAX_S = 60.0
+REQUEST_TIMEOUT_S = 15
+SPILL_FILE = "unlogged_metrics.jsonl"  # in the run's output directory: values the store has not taken yet
 
 T = TypeVar("T")
 
@@ -270,15 +293,16 @@ def _retry_locked(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
-    """The id of experiment ``name``, created on first use (safe when processes race to create it)."""
-    experiment = _retry_locked(client.get_experiment_by_name, name)
+    """The id of experiment ``name``, created on first use (safe when processes race to create it;
+    repeating the whole call is safe too)."""
+    experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return _retry_locked(client.create_experiment, name, artifact_location=_artifact_location(uri))
+            return client.create_experiment(name, artifact_location=_artifact_location(uri))
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-            experiment = _retry_locked(client.get_experiment_by_name, name)
+            experiment = client.get_experiment_by_name(name)
     if experiment.lifecycle_stage != "active":
         raise ValueError(f"tracking.experiment: experiment {name!r} is deleted in {uri}; "
                          "restore it or choose another name")
@@ -298,6 +322,73 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+class TrackingUnavailable(RuntimeError):
+    """The store refused writes for longer than ``tracking.unavailable_timeout_s``.
+
+    Its message is one line that starts with ``tracking.uri:`` and says where the values that
+    were not logged are kept.
+    """
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """``error`` and the exceptions it was raised from or while handling."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        suppressed = current.__cause__ is None and current.__suppress_context__  # ``raise ... from None``
+        current = None if suppressed else current.__cause__ or current.__context__
+
+
+def _store_failure(uri: str, error: Exception) -> str | None:
+    """Why the store did not take a write, when it is a state of the store that may pass (a server
+    that does not answer or answers 5xx, a full disk, a sqlite database that fails a write: locked
+    for too long, an I/O error); None for an error in the request itself, which waiting cannot cure."""
+    store = _local_store_path(uri)
+    for cause in _causes(error):
+        if isinstance(cause, requests.exceptions.Timeout):
+            return f"the MLflow server at {uri} did not answer within {REQUEST_TIMEOUT_S} s"
+        if isinstance(cause, requests.exceptions.ConnectionError):
+            detail = "connection refused" if "Connection refused" in str(cause) else "connection failed"
+            return f"the MLflow server at {uri} does not answer ({detail})"
+        if isinstance(cause, requests.exceptions.RetryError):  # 5xx, after our single try
+            status = re.search(r"too many (\d+) error responses", str(cause))
+            return f"the MLflow server at {uri} answers HTTP {status.group(1) if status else '5xx'}"
+        if isinstance(cause, requests.exceptions.HTTPError) and cause.response is not None \
+                and cause.response.status_code >= 500:  # an artifact upload
+            return f"the MLflow server at {uri} answers HTTP {cause.response.status_code}"
+        disk_full = (isinstance(cause, OSError) and cause.errno == errno.ENOSPC) or (
+            isinstance(cause, sqlite3.OperationalError) and "disk is full" in str(cause))
+        if disk_full and store is not None:
+            return f"no space left on {(store if store.is_dir() else store.parent).absolute()} (the store {uri})"
+        if isinstance(cause, sqlite3.OperationalError) and store is not None:
+            return f"the store at {store.absolute()} refuses writes ({cause})"
+    return None
+
+
+@contextmanager
+def _one_try(uri: str) -> Iterator[None]:
+    """One request per store call, no retries inside MLflow (the tracker decides when to try again);
+    MLflow's logged traceback of a failed sqlite write is left out (the tracker reports it once)."""
+    saved = {name: os.environ.get(name) for name in (MLFLOW_HTTP_REQUEST_MAX_RETRIES.name,
+                                                      MLFLOW_HTTP_REQUEST_TIMEOUT.name)}
+    os.environ[MLFLOW_HTTP_REQUEST_MAX_RETRIES.name] = "0"
+    os.environ[MLFLOW_HTTP_REQUEST_TIMEOUT.name] = str(REQUEST_TIMEOUT_S)
+    db_logger = logging.getLogger("mlflow.store.db.utils")
+    level = db_logger.level
+    db_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        db_logger.setLevel(level)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 # --------------------------------------------------------------------------- runs
 
 
@@ -310,24 +401,50 @@ class RunTracker:
     ``log_metrics`` call after ``flush_seconds``; ``flush``/``finish`` send the rest.
     As a context manager, an escaping exception marks the run FAILED (KILLED for
     Ctrl-C) with the exception as ``attamba.failure_reason``; a clean exit FINISHED.
+
+    A store that refuses writes (a server that does not answer, a full disk) does not stop
+    training. Metric values stay in the buffer, and in ``spill_path`` when given (appended as
+    they are logged, deleted once the store has them all, so a killed process loses none); the
+    tracker tries again after 1, 2, 4, ... s (at most ``RETRY_MAX_S`` apart), at log points,
+    never blocking them. Once the store has refused writes for ``unavailable_timeout_s``,
+    :meth:`store_lost` returns the :class:`TrackingUnavailable` to stop the run with. Calls the
+    run cannot go on without (params, tags, artifacts, the final flush and status) wait for the
+    store on the same schedule and raise it. A value sent again keeps its timestamp, and MLflow
+    stores a value with the same key, step, value and timestamp once, so nothing is doubled.
+
+    A tracker of the same run with the same ``spill_path`` sends what the file holds for it up
+    to ``replay_through_step``: a resumed run passes the step of its checkpoint, since training
+    the steps after it logs their values again.
     """
 
     def __init__(self, uri: str, experiment: str, run_name: str | None = None, run_id: str | None = None,
                  parent_run_id: str | None = None, tags: dict[str, Any] | None = None,
-                 flush_every: int = 200, flush_seconds: float = 10.0) -> None:
+                 flush_every: int = 200, flush_seconds: float = 10.0, spill_path: str | Path | None = None,
+                 replay_through_step: int | None = None,
+                 unavailable_timeout_s: float = TrackingConfig.unavailable_timeout_s,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
         if flush_every < 1:
             raise ValueError(f"flush_every: must be an integer >= 1, got {flush_every!r}")
         if flush_seconds < 0:
             raise ValueError(f"flush_seconds: must be >= 0, got {flush_seconds!r}")
+        if unavailable_timeout_s < 0:
+            raise ValueError(f"tracking.unavailable_timeout_s: must be >= 0 seconds, got {unavailable_timeout_s!r}")
         # A stray MLFLOW_RUN_ID would hijack any fluent-API logging here or in child processes.
         os.environ.pop("MLFLOW_RUN_ID", None)
         ensure_store(uri)
         self.uri = uri
         self.flush_every = flush_every
         self.flush_seconds = flush_seconds
+        self.unavailable_timeout_s = unavailable_timeout_s
+        self.spill_path = Path(spill_path) if spill_path is not None else None
+        self._clock, self._sleep = clock, sleep
         self._client = MlflowClient(tracking_uri=uri)
         self._buffer: list[Metric] = []
-        self._last_flush = time.monotonic()
+        self._last_flush = clock()
+        self._failing_since: float | None = None  # when the store began refusing writes
+        self._retry_delay = 0.0
+        self._next_try = 0.0
+        self._failure = ""
         self._finished = False
         initial_tags = {**(tags or {}), **({TAG_PARENT_RUN: parent_run_id} if parent_run_id else {})}
         if run_id is None:
@@ -335,28 +452,32 @@ class RunTracker:
         else:
             self.run_id = run_id
             self._resume(initial_tags)
+        self._replay_spill(replay_through_step)
 
     def _create(self, experiment: str, run_name: str | None, tags: dict[str, Any]) -> str:
-        experiment_id = _experiment_id(self._client, self.uri, experiment)
-        run = _retry_locked(self._client.create_run, experiment_id, tags=_tag_values(tags), run_name=run_name)
+        experiment_id = self._call(_experiment_id, self._client, self.uri, experiment)
+        run = self._call(self._client.create_run, experiment_id, tags=_tag_values(tags), run_name=run_name)
         return run.info.run_id
 
     def _resume(self, tags: dict[str, Any]) -> None:
         try:
-            _retry_locked(self._client.get_run, self.run_id)
+            self._call(self._client.get_run, self.run_id)
         except MlflowException as error:
             if error.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
             raise ValueError(f"run_id: no run {self.run_id!r} to resume in tracking.uri={self.uri}") from None
-        _retry_locked(self._client.update_run, self.run_id, status="RUNNING")
+        self._call(self._client.update_run, self.run_id, status="RUNNING")
         self.set_tags(tags)
 
     def log_params(self, flat: dict[str, Any]) -> None:
-        """Log a flattened config, at most 100 params a call; keys already logged with the same
-        value are skipped (a resumed run), a changed value is a ``ValueError`` naming the key."""
-        logged = _retry_locked(self._client.get_run, self.run_id).data.params
+        """Log a flattened config (but ``UNLOGGED_PARAMS``), at most 100 params a call; keys already
+        logged with the same value are skipped (a resumed run), a changed value is a ``ValueError``
+        naming the key."""
+        logged = self._call(self._client.get_run, self.run_id).data.params
         new: dict[str, str] = {}
         for key, value in flat.items():
+            if key in UNLOGGED_PARAMS:
+                continue
             text = _truncate(str(value), MAX_PARAM_VAL_LENGTH)
             if key not in logged:
                 new[key] = text
@@ -365,47 +486,58 @@ class RunTracker:
                                  f"{text!r}; MLflow params cannot change, so start a new run")
         for chunk in _chunks(list(new.items()), MAX_PARAMS_TAGS_PER_BATCH):
             params = [Param(key, value) for key, value in chunk]
-            _retry_locked(self._client.log_batch, self.run_id, params=params, synchronous=True)
+            self._call(self._client.log_batch, self.run_id, params=params, synchronous=True)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         """Set (or overwrite) tags, at most 100 a call; tags whose value is None are left out."""
         items = list(_tag_values(tags).items())
         for chunk in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
             run_tags_ = [RunTag(key, value) for key, value in chunk]
-            _retry_locked(self._client.log_batch, self.run_id, tags=run_tags_, synchronous=True)
+            self._call(self._client.log_batch, self.run_id, tags=run_tags_, synchronous=True)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Buffer ``metrics`` at ``step``; send the buffer when it is full or ``flush_seconds`` old."""
+        """Buffer (and spill) ``metrics`` at ``step``; send the buffer when it is full or
+        ``flush_seconds`` old. Never waits for a store that refuses writes."""
         timestamp = _now_ms()
-        self._buffer.extend(Metric(key, float(value), timestamp, step) for key, value in metrics.items())
-        if (len(self._buffer) >= self.flush_every
-                or time.monotonic() - self._last_flush >= self.flush_seconds):
+        new = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
+        self._buffer.extend(new)
+        self._spill(new)
+        if len(self._buffer) >= self.flush_every or self._clock() - self._last_flush >= self.flush_seconds:
             self.flush()
 
-    def flush(self) -> None:
-        """Send every buffered metric value, at most 1000 per ``log_batch`` call."""
-        while self._buffer:
-            chunk = self._buffer[:MAX_METRICS_PER_BATCH]
-            _retry_locked(self._client.log_batch, self.run_id, metrics=chunk, synchronous=True)
-            del self._buffer[:len(chunk)]  # only once sent: a failed call keeps its values
-        self._last_flush = time.monotonic()
+    def flush(self) -> bool:
+        """Send every buffered value, at most 1000 per ``log_batch`` call; whether all were sent.
+
+        While the store refuses writes, it tries only once the next try is due."""
+        if self._failing_since is not None and self._clock() < self._next_try:
+            return False
+        return self._send_buffer()
+
+    def store_lost(self) -> TrackingUnavailable | None:
+        """The error to stop the run with, once the store has refused writes for
+        ``unavailable_timeout_s`` and a last try to send the buffer failed; else None."""
+        if self._failing_since is None or self._clock() - self._failing_since < self.unavailable_timeout_s:
+            return None
+        return None if self._send_buffer() else self._unavailable()
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Copy a local file (or directory) into the run's artifacts, under ``artifact_path``."""
-        _retry_locked(self._client.log_artifact, self.run_id, str(path), artifact_path)
+        self._call(self._client.log_artifact, self.run_id, str(path), artifact_path)
 
     def log_dict(self, obj: dict[str, Any], artifact_file: str) -> None:
         """Store ``obj`` as an artifact: YAML for ``.yaml``/``.yml`` names, JSON otherwise."""
-        _retry_locked(self._client.log_dict, self.run_id, obj, artifact_file)
+        self._call(self._client.log_dict, self.run_id, obj, artifact_file)
 
     def finish(self, status: str = "FINISHED", reason: str | None = None) -> None:
-        """Flush, record ``reason`` as ``attamba.failure_reason`` if given, and end the run."""
+        """Flush, record ``reason`` as ``attamba.failure_reason`` if given, and end the run; a store
+        that refuses writes is waited for (see the class), then :class:`TrackingUnavailable`."""
         if status not in TERMINAL_STATUSES:
             raise ValueError(f"status: got {status!r}, allowed values are {', '.join(TERMINAL_STATUSES)}")
-        self.flush()
+        while not self._send_buffer():
+            self._wait_or_give_up()
         if reason is not None:
             self.set_tags({TAG_FAILURE_REASON: reason})
-        _retry_locked(self._client.set_terminated, self.run_id, status)
+        self._call(self._client.set_terminated, self.run_id, status)
         self._finished = True
 
     def __enter__(self) -> RunTracker:
@@ -420,6 +552,95 @@ class RunTracker:
             status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
             self.finish(status, reason=f"{type(exc).__name__}: {exc}")
         return False  # never swallow the exception
+
+    # ----------------------------------------------------------------- store failures
+
+    def _try(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[bool, T | None]:
+        """One try of a store call: ``(True, result)``, or ``(False, None)`` with the next try
+        scheduled when the store refused it (:func:`_store_failure`); other errors are raised."""
+        try:
+            with _one_try(self.uri):
+                result = _retry_locked(call, *args, **kwargs)
+        except Exception as error:
+            reason = _store_failure(self.uri, error)
+            if reason is None:
+                raise
+            now = self._clock()
+            if self._failing_since is None:
+                self._failing_since, self._retry_delay = now, RETRY_FIRST_S
+            else:
+                self._retry_delay = min(2 * self._retry_delay, RETRY_MAX_S)
+            self._next_try, self._failure = now + self._retry_delay, reason
+            return False, None
+        self._failing_since = None
+        return True, result
+
+    def _call(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A store call the run cannot go on without, tried until it succeeds or the store has
+        refused writes for ``unavailable_timeout_s`` (then :class:`TrackingUnavailable`)."""
+        while True:
+            done, result = self._try(call, *args, **kwargs)
+            if done:
+                return result
+            self._wait_or_give_up()
+
+    def _wait_or_give_up(self) -> None:
+        """Sleep until the next try is due, or raise once the store has refused writes too long; the
+        last try comes at the deadline, not up to ``RETRY_MAX_S`` after it."""
+        deadline = self._failing_since + self.unavailable_timeout_s
+        now = self._clock()
+        if now >= deadline:
+            raise self._unavailable()
+        self._sleep(min(self._next_try, deadline) - now)
+
+    def _send_buffer(self) -> bool:
+        while self._buffer:
+            chunk = self._buffer[:MAX_METRICS_PER_BATCH]
+            if not self._try(self._client.log_batch, self.run_id, metrics=chunk, synchronous=True)[0]:
+                return False
+            del self._buffer[:len(chunk)]  # only once sent: a failed call keeps its values
+        if self.spill_path is not None:
+            self.spill_path.unlink(missing_ok=True)
+        self._last_flush = self._clock()
+        return True
+
+    def _unavailable(self) -> TrackingUnavailable:
+        rerun = "rerun the same command once the store takes writes"
+        if not self._buffer:
+            then = rerun
+        elif self.spill_path is None:
+            then = f"the {len(self._buffer)} metric values it did not take are lost"
+        else:
+            then = (f"the {len(self._buffer)} metric values it did not take are kept in {self.spill_path}; "
+                    f"{rerun}: it resumes the run and logs them")
+        return TrackingUnavailable(
+            f"tracking.uri: {self._failure}, for {self._clock() - self._failing_since:.0f} s "
+            f"(tracking.unavailable_timeout_s={self.unavailable_timeout_s:g}); {then}")
+
+    def _spill(self, metrics: list[Metric]) -> None:
+        if self.spill_path is None or not metrics:
+            return
+        with open(self.spill_path, "a") as file:
+            file.writelines(json.dumps({"run_id": self.run_id, "key": metric.key, "value": metric.value,
+                                        "timestamp": metric.timestamp, "step": metric.step}) + "\n"
+                            for metric in metrics)
+
+    def _replay_spill(self, through_step: int | None) -> None:
+        """Buffer and send what an earlier tracker of this run logged and the store never took."""
+        if self.spill_path is None or not self.spill_path.exists():
+            return
+        kept = []
+        for line in self.spill_path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a process killed while writing it
+                continue
+            if entry["run_id"] == self.run_id and (through_step is None or entry["step"] <= through_step):
+                kept.append(Metric(entry["key"], entry["value"], entry["timestamp"], entry["step"]))
+        self.spill_path.unlink()
+        self._buffer.extend(kept)
+        self._spill(kept)
+        self.flush()
 
 
 def _tag_values(tags: dict[str, Any]) -> dict[str, str]:

@@ -81,6 +81,7 @@ register_configs()
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _app(composed: DictConfig) -> float | None:
+    from attamba.tracking import TrackingUnavailable
     from attamba.trainer import train
 
     try:
@@ -91,6 +92,9 @@ def _app(composed: DictConfig) -> float | None:
     except ValueError as error:  # a bad setting: one clear line naming it, no traceback
         print(f"attamba-train: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except TrackingUnavailable as error:  # the run stopped with a checkpoint; its line says what to do
+        print(f"attamba-train: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
     return final.get("eval/val/loss")
 
 

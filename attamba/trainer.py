@@ -75,7 +75,7 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
     from attamba.evals.passkey import check_lengths
     import yaml
 
-    from attamba.tracking import RunTracker, run_tags
+    from attamba.tracking import SPILL_FILE, RunTracker, TrackingUnavailable, run_tags
 
     started = clock()
     dist_info = distributed.detect()
@@ -129,7 +129,9 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
         if dist_info.enabled:
             tags["attamba.world_size"] = str(dist_info.world_size)
         tracker = RunTracker(config.tracking.uri, config.tracking.experiment, run_name=run_name(config),
-                             run_id=run_id, parent_run_id=parent_run_id, tags=tags)
+                             run_id=run_id, parent_run_id=parent_run_id, tags=tags,
+                             spill_path=output / SPILL_FILE, replay_through_step=step,
+                             unavailable_timeout_s=config.tracking.unavailable_timeout_s)
         run_id = tracker.run_id
         tracker.log_params(flat)
         seq_len = config.train.seq_len
@@ -188,6 +190,7 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
                 "scheduler": training.scheduler.state_dict(), "data": data_states, "rng": checkpoint.rng_state(),
                 "step": at_step, "mlflow_run_id": run_id, "config": to_dict(config), "final": final},
                 tokenizer=tokenizer)
+            tracker.flush()  # the store shows what the checkpoint covers, if it takes writes (never waits)
         distributed.barrier(dist_info)
 
     def log_interval(out: StepOutput, elapsed: float, steps: int) -> None:
@@ -216,6 +219,11 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
                 if tracker:
                     tracker.finish("KILLED", reason=f"preempted at step {step}; resumes from its checkpoint")
                 return {"preempted_at_step": float(step)}
+            if tracker and (lost := tracker.store_lost()):
+                # A checkpoint needs every rank: with several, a rerun resumes from the last one.
+                if not dist_info.enabled and checkpoint.latest_step(output) != step:
+                    save_checkpoint(step)
+                raise lost
             windows = [next(feed).to(device, non_blocking=True) for _ in range(config.train.grad_accum)]
             out = train_step(windows, step + 1)
             step += 1
@@ -249,7 +257,7 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
         progress.message(f"done: {step} steps; checkpoints and config in {output}")
         return final
     except BaseException as error:
-        if tracker:
+        if tracker and not isinstance(error, TrackingUnavailable):  # that store takes no status
             reason = f"{type(error).__name__}: {error}"
             tracker.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED", reason=reason)
         raise

@@ -34,15 +34,16 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def start_mlflow_server(tmp_dir: str | Path) -> tuple[str, subprocess.Popen]:
-    """Start ``mlflow server`` with a sqlite store and served artifacts under ``tmp_dir``.
+def start_mlflow_server(tmp_dir: str | Path, port: int | None = None) -> tuple[str, subprocess.Popen]:
+    """Start ``mlflow server`` with a sqlite store and served artifacts under ``tmp_dir``, on
+    ``port`` (default: a free one; the same directory and port again restart a killed server).
 
-    Returns ``(url, process)`` once ``/health`` answers; its output goes to
-    ``tmp_dir/server.log``. Stop it with :func:`stop_mlflow_server`.
+    Returns ``(url, process)`` once ``/health`` answers; its output is appended to
+    ``tmp_dir/server.log``. Stop it with :func:`stop_mlflow_server` or :func:`kill_mlflow_server`.
     """
     tmp_dir = Path(tmp_dir).absolute()
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "mlflow", "server",
                "--backend-store-uri", f"sqlite:///{tmp_dir / 'mlflow.db'}",
@@ -50,8 +51,9 @@ def start_mlflow_server(tmp_dir: str | Path) -> tuple[str, subprocess.Popen]:
                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log_path = tmp_dir / "server.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=tmp_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(log_path, "ab") as log:  # its own process group, so that a kill reaches its workers too
+        process = subprocess.Popen(command, cwd=tmp_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while not _healthy(url):
         if process.poll() is not None or time.monotonic() > deadline:
@@ -68,5 +70,34 @@ def stop_mlflow_server(process: subprocess.Popen) -> None:
         try:
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            kill_mlflow_server(process)
+
+
+def kill_mlflow_server(process: subprocess.Popen) -> None:
+    """SIGKILL the server and its workers at once, as a crash or an OOM kill would: no clean shutdown,
+    and nothing answers on its port afterwards."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+class RestartableServer:
+    """A real ``mlflow server`` that a test can kill (as a crash would) and start again on the same
+    port and store, so that clients holding its URL reach the new one."""
+
+    def __init__(self, tmp_dir: str | Path) -> None:
+        self.directory = Path(tmp_dir)
+        self.url, self.process = start_mlflow_server(self.directory)
+
+    def kill(self) -> None:
+        kill_mlflow_server(self.process)
+
+    def restart(self) -> None:
+        """Start the server again on its port and store, unless it is running."""
+        if self.process.poll() is None:
+            return
+        port = int(self.url.rsplit(":", 1)[1])
+        self.url, self.process = start_mlflow_server(self.directory, port=port)
+
+    def stop(self) -> None:
+        stop_mlflow_server(self.process)

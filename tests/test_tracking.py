@@ -3,26 +3,35 @@
 Each check reads back through a plain ``MlflowClient`` (or the server's HTTP
 traffic), never through the tracker under test. The store and the server are
 shared per module (creating either takes seconds); every test logs into its
-own experiment.
+own experiment. Outage tests kill the server (SIGKILL) and start it again on the
+same port and store, fill a small tmpfs under a sqlite store, and move the
+tracker's clock by hand, so that no outcome depends on how fast the machine is.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import hashlib
+import json
 import math
 import multiprocessing
+import os
 import re
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 import mlflow.utils.rest_utils
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from attamba.config import Config, flat_params, to_dict
+from attamba import checkpoint
+from attamba.config import Config, TrackingConfig, flat_params, to_dict
 from attamba.tracking import (
     TAG_CONFIG_HASH,
     TAG_FAILURE_REASON,
@@ -31,7 +40,11 @@ from attamba.tracking import (
     TAG_PARENT_RUN,
     TAG_SWEEP,
     TAG_SWEEP_KEY,
+    RETRY_MAX_S,
+    SPILL_FILE,
+    UNLOGGED_PARAMS,
     RunTracker,
+    TrackingUnavailable,
     check_tracking_uri,
     config_hash,
     ensure_store,
@@ -41,7 +54,9 @@ from attamba.tracking import (
     run_tags,
     start_parent_run,
 )
-from mlflow_server import free_port, start_mlflow_server, stop_mlflow_server
+from attamba.trainer import train
+from mlflow_server import RestartableServer, free_port, start_mlflow_server, stop_mlflow_server
+from test_trainer import smoke_config
 
 PARALLEL_JOBS = 8
 VALUES_PER_JOB = 100
@@ -55,10 +70,22 @@ def sqlite_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
-def server_uri(tmp_path_factory: pytest.TempPathFactory):
-    url, process = start_mlflow_server(tmp_path_factory.mktemp("server"))
-    yield url
-    stop_mlflow_server(process)
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RestartableServer]:
+    server = RestartableServer(tmp_path_factory.mktemp("server"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def server_uri(server: RestartableServer) -> str:
+    return server.url
+
+
+@pytest.fixture
+def killable_server(server: RestartableServer) -> Iterator[RestartableServer]:
+    """The module's server, for a test that kills it; running again afterwards, whatever the test did."""
+    yield server
+    server.restart()
 
 
 @pytest.fixture(params=["sqlite", "server"])
@@ -146,7 +173,7 @@ def test_round_trip(store_uri: str, experiment: str, git_repo: Path, tmp_path: P
     client = MlflowClient(tracking_uri=store_uri)
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "round-trip"
-    assert run.data.params == {key: str(value) for key, value in flat.items()}
+    assert run.data.params == {key: str(value) for key, value in flat.items() if key not in UNLOGGED_PARAMS}
     assert {key: run.data.tags.get(key) for key in tags} == tags
     assert {key: run.data.metrics[key] for key in ("model/params", "model/kv_bytes_per_token",
                                                    "model/attn_flops_per_token")} == {
@@ -236,6 +263,7 @@ def test_resume_continues_the_same_run(sqlite_uri: str, experiment: str):
     with RunTracker(sqlite_uri, experiment, run_id=first.run_id) as second:
         assert MlflowClient(tracking_uri=sqlite_uri).get_run(first.run_id).info.status == "RUNNING"
         second.log_params(flat)  # the same config again: nothing to log, no error
+        second.log_params({**flat, "tracking.unavailable_timeout_s": 900.0})  # not a param: a rerun may change it
         with pytest.raises(ValueError, match=r"^train\.steps: .*already logged"):
             second.log_params({**flat, "train.steps": 2000})
         for step in range(5, 10):
@@ -377,6 +405,299 @@ def test_file_store_needs_mlflows_opt_in(tmp_path: Path, experiment: str, monkey
     with RunTracker(uri, experiment) as tracker:
         tracker.log_metrics({"train/loss": 1.5}, step=2)
     assert _history(uri, tracker.run_id, "train/loss") == [(2, 1.5)]
+
+
+# --------------------------------------------------------------------------- outages
+
+
+class FakeClock:
+    """The tracker's monotonic clock, moved by the test and by the tracker's sleeps (recorded)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def _spilled_steps(spill: Path, key: str = "train/loss") -> list[int]:
+    lines = spill.read_text().splitlines() if spill.exists() else []
+    return sorted(entry["step"] for entry in map(json.loads, lines) if entry["key"] == key)
+
+
+def _steps(uri: str, run_id: str, key: str) -> list[int]:
+    return [step for step, _ in _history(uri, run_id, key)]
+
+
+def test_tracking_timeout_is_checked():
+    with pytest.raises(ValueError, match=r"^tracking\.unavailable_timeout_s: must be >= 0 seconds, got -1"):
+        TrackingConfig(unavailable_timeout_s=-1)
+
+
+def test_a_killed_server_holds_nothing_up_and_gets_every_value_once_back(killable_server: RestartableServer,
+                                                                          experiment: str, tmp_path: Path):
+    clock, spill = FakeClock(), tmp_path / SPILL_FILE
+    tracker = RunTracker(killable_server.url, experiment, flush_every=4, spill_path=spill, clock=clock,
+                         sleep=clock.sleep)
+
+    def log(step: int) -> None:
+        tracker.log_metrics({"train/loss": 1.0 / (step + 1), "train/lr": step * 1e-3}, step)
+        clock.now += 1.0  # a second of training per step
+
+    for step in range(4):
+        log(step)
+    assert _steps(killable_server.url, tracker.run_id, "train/loss") == [0, 1, 2, 3]
+    assert not spill.exists()  # the store has every value
+
+    killable_server.kill()
+    for step in range(4, 10):  # its tries are refused at once; the values wait in memory and on disk
+        log(step)
+    assert _spilled_steps(spill) == [4, 5, 6, 7, 8, 9]
+    assert tracker.store_lost() is None  # 6 s out of 300
+
+    killable_server.restart()
+    clock.now += RETRY_MAX_S  # the next try is due by now, whatever the backoff had reached
+    log(10)
+    assert not spill.exists()
+    tracker.finish()
+    assert clock.sleeps == []  # logging never waited for the store
+    for key in ("train/loss", "train/lr"):
+        assert _steps(killable_server.url, tracker.run_id, key) == list(range(11))
+    assert MlflowClient(tracking_uri=killable_server.url).get_run(tracker.run_id).info.status == "FINISHED"
+
+
+def test_a_server_down_past_the_bound_is_one_line_and_a_rerun_logs_the_rest(killable_server: RestartableServer,
+                                                                             experiment: str, tmp_path: Path):
+    clock, spill, url = FakeClock(), tmp_path / SPILL_FILE, killable_server.url
+    tracker = RunTracker(url, experiment, flush_every=2, spill_path=spill, unavailable_timeout_s=100, clock=clock,
+                         sleep=clock.sleep)
+    for step in range(2):
+        tracker.log_metrics({"train/loss": float(step)}, step)
+    killable_server.kill()
+    down = clock.now
+    for step in range(2, 6):  # the first refused try, at step 3, starts the outage
+        tracker.log_metrics({"train/loss": float(step)}, step)
+
+    clock.now = down + 5
+    assert tracker.store_lost() is None  # within the bound: train on
+    clock.now = down + 10
+    with pytest.raises(TrackingUnavailable):  # a call the run cannot go on without waits, up to the bound
+        tracker.set_tags({"note": "needs the store"})
+    assert clock.sleeps == [2, 4, 8, 16, 32, 28]  # tries at 10, 12, 16, 24, 40, 72 and, last, 100 s
+    assert clock.now == down + 100
+    lost = tracker.store_lost()
+    assert isinstance(lost, TrackingUnavailable)
+    message = str(lost)
+    assert "\n" not in message
+    assert message.startswith(f"tracking.uri: the MLflow server at {url} does not answer (connection refused), "
+                              "for 100 s (tracking.unavailable_timeout_s=100); the 4 metric values it did not take "
+                              f"are kept in {spill}; rerun the same command")
+    assert _spilled_steps(spill) == [2, 3, 4, 5]
+
+    killable_server.restart()
+    assert MlflowClient(tracking_uri=url).get_run(tracker.run_id).info.status == "RUNNING"  # it took no status
+    rerun = RunTracker(url, experiment, run_id=tracker.run_id, spill_path=spill, replay_through_step=5)
+    rerun.finish()
+    assert _history(url, tracker.run_id, "train/loss") == [(step, float(step)) for step in range(6)]
+    assert MlflowClient(tracking_uri=url).get_run(tracker.run_id).info.status == "FINISHED"
+    assert not spill.exists()
+
+
+def test_a_rerun_sends_its_runs_spilled_values_up_to_its_checkpoint_once(sqlite_uri: str, experiment: str,
+                                                                         tmp_path: Path):
+    spill = tmp_path / SPILL_FILE
+    tracker = RunTracker(sqlite_uri, experiment, flush_every=1000, spill_path=spill)
+    for step in range(1, 7):
+        tracker.log_metrics({"train/loss": float(step)}, step)
+    taken_but_still_on_disk = spill.read_text()
+    assert tracker.flush() and not spill.exists()
+    spill.write_text(taken_but_still_on_disk)  # as if killed after the store took them, before the file went
+    for step in range(7, 10):  # never sent: the process is killed
+        tracker.log_metrics({"train/loss": float(step)}, step)
+    with spill.open("a") as file:
+        file.write(json.dumps({"run_id": uuid.uuid4().hex, "key": "train/loss", "value": 0.0, "timestamp": 1,
+                               "step": 1}) + "\n")  # another run's value: not this run's to send
+        file.write('{"run_id": "' + tracker.run_id + '", "key": "train/lo')  # killed in the middle of a line
+
+    rerun = RunTracker(sqlite_uri, experiment, run_id=tracker.run_id, spill_path=spill, replay_through_step=8)
+    assert not spill.exists()
+    # step 9 comes after the checkpoint the run resumes from: training it again logs it again
+    assert _history(sqlite_uri, tracker.run_id, "train/loss") == [(step, float(step)) for step in range(1, 9)]
+    rerun.finish()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs to fill up under a store; the test is skipped where mounting one is not allowed."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
+                                 capture_output=True, text=True)
+    except OSError as error:
+        pytest.skip(f"needs a small tmpfs to fill, and there is no mount command here ({error})")
+    if mounted.returncode != 0:
+        pytest.skip(f"needs a small tmpfs to fill, and mounting one failed here: {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", "--lazy", str(mount_point)], check=True)  # MLflow keeps the database open
+
+
+def _fill(directory: Path) -> Path:
+    """Take every free byte of ``directory``'s file system."""
+    filler = directory / "filler"
+    descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(descriptor, b"\0" * 65536)
+    except OSError as error:
+        assert error.errno == errno.ENOSPC
+    finally:
+        os.close(descriptor)
+    return filler
+
+
+def test_a_full_disk_under_a_sqlite_store_is_named_and_loses_no_value(small_disk: Path, experiment: str,
+                                                                       tmp_path: Path):
+    uri = f"sqlite:///{small_disk}/mlflow.db"
+    clock, spill = FakeClock(), tmp_path / SPILL_FILE  # the run's output directory is on another disk
+    tracker = RunTracker(uri, experiment, flush_every=10_000, spill_path=spill, unavailable_timeout_s=60,
+                         clock=clock, sleep=clock.sleep)
+    tracker.log_metrics({"train/loss": 1.0}, 0)
+    assert tracker.flush()
+    filler = _fill(small_disk)
+    values = [(step, 1.0 / (step + 1)) for step in range(1, 1001)]
+    for step, value in values:
+        tracker.log_metrics({"train/loss": value, "train/lr": value}, step)
+    assert not tracker.flush()  # refused and kept, nothing raised: training goes on
+
+    clock.now += 60
+    lost = tracker.store_lost()
+    assert isinstance(lost, TrackingUnavailable)
+    assert str(lost).startswith(f"tracking.uri: no space left on {small_disk} (the store {uri}), for 60 s "
+                                f"(tracking.unavailable_timeout_s=60); the 2000 metric values it did not take are "
+                                f"kept in {spill}")
+    with pytest.raises(TrackingUnavailable, match="^tracking.uri: no space left on"):
+        tracker.finish("FAILED", reason="no space")
+    assert MlflowClient(tracking_uri=uri).get_run(tracker.run_id).info.status == "RUNNING"  # it cannot be written
+
+    filler.unlink()  # space freed: the rerun logs what the full disk refused
+    RunTracker(uri, experiment, run_id=tracker.run_id, spill_path=spill, replay_through_step=1000).finish()
+    assert _history(uri, tracker.run_id, "train/loss") == [(0, 1.0), *values]
+    assert _history(uri, tracker.run_id, "train/lr") == values
+    assert MlflowClient(tracking_uri=uri).get_run(tracker.run_id).info.status == "FINISHED"
+
+
+def test_a_server_on_a_full_disk_is_tried_again_and_gets_every_value_once_there_is_space(small_disk: Path,
+                                                                                          experiment: str):
+    url, process = start_mlflow_server(small_disk)
+    try:
+        clock = FakeClock()
+        tracker = RunTracker(url, experiment, flush_every=10_000, unavailable_timeout_s=60, clock=clock,
+                             sleep=clock.sleep)
+        filler = _fill(small_disk)
+        values = [(step, 1.0 / (step + 1)) for step in range(1000)]
+        for step, value in values:
+            tracker.log_metrics({"train/loss": value, "train/lr": value}, step)
+        assert not tracker.flush()  # the server's store cannot grow: it answers 503, and the values stay
+        clock.now += 60
+        assert str(tracker.store_lost()).startswith(f"tracking.uri: the MLflow server at {url} answers HTTP 503, "
+                                                    "for 60 s (tracking.unavailable_timeout_s=60); the 2000 metric "
+                                                    "values it did not take are lost")  # no spill file given
+        filler.unlink()
+        tracker.finish()
+        assert _history(url, tracker.run_id, "train/loss") == values
+        assert MlflowClient(tracking_uri=url).get_run(tracker.run_id).info.status == "FINISHED"
+    finally:
+        stop_mlflow_server(process)
+
+
+def test_attamba_train_on_a_full_store_disk_stops_with_one_line(small_disk: Path, tmp_path: Path):
+    uri = f"sqlite:///{small_disk}/mlflow.db"
+    ensure_store(uri)  # the store exists, then its disk fills up
+    _fill(small_disk)
+    result = subprocess.run(
+        [sys.executable, "-m", "attamba.train", "experiment=smoke", "train.steps=2", f"tracking.uri={uri}",
+         "tracking.unavailable_timeout_s=0", f"hydra.run.dir={tmp_path}/hydra",
+         f"train.checkpoint_root={tmp_path}/checkpoints"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"attamba-train: error: tracking.uri: no space left on {small_disk} (the store {uri})"), result.stderr
+
+
+def _smoke_on_server(url: str, tmp_path: Path, experiment: str, *overrides: str, timeout_s: float = 300.0):
+    config = smoke_config(tmp_path, "train.steps=6", "train.checkpoint_every=2", "train.eval_every=100", *overrides)
+    tracking = dataclasses.replace(config.tracking, uri=url, experiment=experiment, unavailable_timeout_s=timeout_s)
+    return dataclasses.replace(config, tracking=tracking)
+
+
+def _run_of(url: str, experiment: str):
+    (run,) = _runs(url, experiment)
+    return run
+
+
+TRAIN_KEYS = ("train/loss", "train/lr", "train/grad_norm")
+
+
+def test_training_goes_on_while_the_server_is_down_and_logs_every_step_once(killable_server: RestartableServer,
+                                                                            tmp_path: Path, experiment: str):
+    config = _smoke_on_server(killable_server.url, tmp_path, experiment)
+    spill = Path(config.train.output_dir) / SPILL_FILE
+    calls = iter(range(100))
+    spilled_while_down: list[list[int]] = []
+
+    def outage() -> bool:  # called before each step
+        call = next(calls)
+        if call == 2:  # before step 3: the flush at the step-4 checkpoint is refused
+            killable_server.kill()
+        if call == 4:  # before step 5
+            spilled_while_down.append(_spilled_steps(spill))
+            killable_server.restart()
+        return False
+
+    train(config, stop_requested=outage)
+    assert spilled_while_down == [[3, 4]]  # trained on, kept on disk
+    run = _run_of(killable_server.url, experiment)
+    assert run.info.status == "FINISHED"
+    for key in TRAIN_KEYS:
+        assert _steps(killable_server.url, run.info.run_id, key) == list(range(1, 7)), key
+    assert not spill.exists()
+
+
+def test_a_server_down_past_the_bound_stops_training_at_a_checkpoint_and_a_rerun_logs_every_step_once(
+        killable_server: RestartableServer, tmp_path: Path, experiment: str):
+    config = _smoke_on_server(killable_server.url, tmp_path, experiment, timeout_s=0)
+    output = Path(config.train.output_dir)
+    calls = iter(range(100))
+
+    def outage() -> bool:
+        if next(calls) == 2:  # before step 3; the flush at the step-4 checkpoint is refused
+            killable_server.kill()
+        return False
+
+    with pytest.raises(TrackingUnavailable) as stopped:
+        train(config, stop_requested=outage)
+    assert str(stopped.value).startswith(f"tracking.uri: the MLflow server at {killable_server.url} does not answer")
+    # At the step-4 checkpoint, or at step 3 if that step took longer than the tracker's time-based flush
+    # (flush_seconds) and its try was refused first. Either way the checkpoint covers every value on disk.
+    stopped_at = checkpoint.latest_step(output)
+    assert stopped_at in (3, 4)
+    assert _spilled_steps(output / SPILL_FILE) == list(range(3, stopped_at + 1))
+
+    killable_server.restart()
+    assert _run_of(killable_server.url, experiment).info.status == "RUNNING"
+    train(config)  # the same run again: resumes at step 4 and logs what the dead server did not take
+    run = _run_of(killable_server.url, experiment)
+    assert run.info.status == "FINISHED"
+    for key in TRAIN_KEYS:
+        assert _steps(killable_server.url, run.info.run_id, key) == list(range(1, 7)), key
+    assert not (output / SPILL_FILE).exists()
 
 
 # --------------------------------------------------------------------------- concurrency
