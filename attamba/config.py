@@ -232,6 +232,13 @@ class EvalConfig:
     val_batches: int = 16  # batches of the held-out split per validation
     context: Optional[int] = None  # rolling-window context; None = train.seq_len
 
+    def __post_init__(self) -> None:  # checked with the rest, not when the first evaluation comes
+        _require(isinstance(self.wikitext2_every, int) and self.wikitext2_every >= 0, "eval.wikitext2_every",
+                 f"must be an integer >= 0 (0: only at the end), got {self.wikitext2_every!r}")
+        _require_positive(self.val_batches, "eval.val_batches")
+        if self.context is not None:
+            _require_positive(self.context, "eval.context")
+
 
 @dataclass
 class TrackingConfig:
