@@ -187,17 +187,20 @@ def load_latest(directory: Path, map_location: str | torch.device = "cpu",
     """
     root = Path(directory) / "checkpoints"
     pointer = root / "latest"
-    if pointer.exists() and not (root / pointer.read_text().strip() / "state.pt").is_file():
-        say(f"checkpoint {pointer.read_text().strip()} named by {pointer} is gone")
+    named = pointer.read_text().strip() if pointer.exists() else None
+    gone = named is not None and not (root / named / "state.pt").is_file()
+    if gone:
+        say(f"checkpoint {named}, the latest in {root}, is gone")
     failures = []
     for path in _complete(root) if root.is_dir() else []:
         try:
             state = load(path, map_location)
         except Exception as error:  # noqa: BLE001 - any unreadable file is a damaged checkpoint
-            failures.append(f"{path.name} ({type(error).__name__}: {str(error).strip().splitlines()[0][:200]})")
+            message = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+            failures.append(f"{path.name} ({type(error).__name__}: {message})")
             say(f"checkpoint {path} does not load: {failures[-1]}")
             continue
-        if failures:
+        if failures or gone:
             say(f"resuming from the newest checkpoint that loads: {path}")
         return path, state
     if failures:
