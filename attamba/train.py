@@ -134,7 +134,7 @@ def _app(composed: DictConfig) -> float | None:
             raise
         raise fail(f"error: {error}", EXIT_FAILED) from None
     except KeyboardInterrupt:
-        raise fail("interrupted: the MLflow run is KILLED; run the same command to resume from its last "
+        raise fail("interrupted: its MLflow run is KILLED; run the same command to resume from its last "
                    "checkpoint", EXIT_SIGINT) from None
     if "preempted_at_step" in final:
         raise fail(f"stopped by SIGTERM at step {int(final['preempted_at_step'])}: checkpoint saved, the MLflow "
