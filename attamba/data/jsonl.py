@@ -52,7 +52,6 @@ def resolve_paths(patterns: Sequence[str]) -> list[Path]:
 def read_texts(path: Path) -> Iterator[str]:
     """Stream the non-empty ``text`` fields of one shard, in line order; a file that is not
     UTF-8 text (or not gzip, for ``.gz``) is a ``ValueError`` naming it."""
-    number = 0
     try:
         with _open(path) as lines:
             for number, line in enumerate(lines, start=1):
@@ -61,13 +60,12 @@ def read_texts(path: Path) -> Iterator[str]:
                     if text.strip():
                         yield text
     except UnicodeDecodeError as error:
-        raise ValueError(f"data.paths: {path} is not UTF-8 text (byte {error.object[error.start]:#04x} after "
-                         f"line {number}); shards hold JSON lines") from None
+        raise ValueError(f"data.paths: {path} is not UTF-8 text (byte {error.object[error.start]:#04x}); "
+                         "shards hold JSON lines") from None
     except (OSError, EOFError, zlib.error) as error:  # BadGzipFile is an OSError; a cut-off gzip an EOFError
         if not path.name.endswith(".gz"):
             raise
-        raise ValueError(f"data.paths: {path} is not a readable gzip file after line {number} "
-                         f"({type(error).__name__}: {error})") from None
+        raise ValueError(f"data.paths: {path} is not a readable gzip file ({type(error).__name__}: {error})") from None
 
 
 def iter_documents(data: DataConfig, split: str) -> Iterator[str]:
