@@ -287,40 +287,51 @@ def blocked_run(args: list[str]) -> subprocess.Popen:
     return process
 
 
-def test_signals_and_a_second_process_leave_one_run_with_each_step_once(tmp_path):
-    """Ctrl-C, then SIGTERM, each in the middle of training; in between, the same command is started while a
-    run trains: it refuses. The last run resumes to the end; one MLflow run holds each step once."""
-    steps = 300
-    args = command(tmp_path, f"train.steps={steps}", "train.checkpoint_every=20")
-    config = config_of(tmp_path, f"train.steps={steps}", "train.checkpoint_every=20")
+def signal_args(tmp_path: Path) -> tuple[list[str], object]:
+    overrides = ["train.steps=300", "train.checkpoint_every=20"]
+    return command(tmp_path, *overrides), config_of(tmp_path, *overrides)
 
+
+def test_sigterm_checkpoints_and_a_second_process_is_refused(tmp_path):
+    """SIGTERM in the middle of training; before it, the same command is started while the run trains: it
+    refuses. The next run resumes to the end; one MLflow run holds each step once."""
+    args, config = signal_args(tmp_path)
     first = blocked_run(args)
     second = run(args)
     assert second.returncode == 2, second.stderr[-3000:]
     assert "is being trained by another process" in second.stderr.strip().splitlines()[-1]
+    first.send_signal(signal.SIGTERM)
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 143, err.decode()[-3000:]
+    assert "stopped by SIGTERM at step" in err.decode() and "Traceback" not in err.decode()
+    run_ = the_run(config)
+    assert run_["status"] == "KILLED" and "SIGTERM" in run_["tags"]["attamba.failure_reason"]
+    stopped_at = checkpoint.latest_step(Path(config.train.output_dir))
+    assert 0 < stopped_at < 300 and history(config) == list(range(1, stopped_at + 1))
+
+    last = run(args)
+    assert last.returncode == 0, last.stderr[-3000:]
+    run_ = the_run(config)
+    assert run_["status"] == "FINISHED" and "attamba.failure_reason" not in run_["tags"]
+    assert history(config) == list(range(1, 301))
+
+
+@pytest.mark.slow  # test_each_step_is_logged_once_across_an_interruption_and_the_reason_goes covers it in process
+def test_ctrl_c_in_the_middle_of_training_and_the_resume_log_each_step_once(tmp_path):
+    args, config = signal_args(tmp_path)
+    first = blocked_run(args)
     first.send_signal(signal.SIGINT)
     out, err = first.communicate(timeout=600)
     assert first.returncode == 130, err.decode()[-3000:]
     assert err.decode().strip().splitlines()[-1].startswith("attamba-train: interrupted")
     assert the_run(config)["status"] == "KILLED"
     interrupted_at = history(config)[-1]
-    assert history(config) == list(range(1, interrupted_at + 1)) and interrupted_at < steps
-
-    third = blocked_run(args)
-    third.send_signal(signal.SIGTERM)
-    out, err = third.communicate(timeout=600)
-    assert third.returncode == 143, err.decode()[-3000:]
-    assert "stopped by SIGTERM at step" in err.decode() and "Traceback" not in err.decode()
-    run_ = the_run(config)
-    assert run_["status"] == "KILLED" and "SIGTERM" in run_["tags"]["attamba.failure_reason"]
-    stopped_at = checkpoint.latest_step(Path(config.train.output_dir))
-    assert stopped_at < steps and history(config) == list(range(1, max(interrupted_at, stopped_at) + 1))
-
+    assert history(config) == list(range(1, interrupted_at + 1)) and interrupted_at < 300
     last = run(args)
     assert last.returncode == 0, last.stderr[-3000:]
     run_ = the_run(config)
     assert run_["status"] == "FINISHED" and "attamba.failure_reason" not in run_["tags"]
-    assert history(config) == list(range(1, steps + 1))
+    assert history(config) == list(range(1, 301))
 
 
 @pytest.mark.parametrize("overrides, code, message", [
