@@ -272,6 +272,13 @@ class EvalConfig:
                  "eval.passkey_depths", f"must be fractions in [0, 1], got {self.passkey_depths}")
         _require_positive(self.passkey_trials, "eval.passkey_trials")
 
+    def __post_init__(self) -> None:  # checked with the rest, not when the first evaluation comes
+        _require(isinstance(self.wikitext2_every, int) and self.wikitext2_every >= 0, "eval.wikitext2_every",
+                 f"must be an integer >= 0 (0: only at the end), got {self.wikitext2_every!r}")
+        _require_positive(self.val_batches, "eval.val_batches")
+        if self.context is not None:
+            _require_positive(self.context, "eval.context")
+
 
 @dataclass
 class TrackingConfig:

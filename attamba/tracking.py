@@ -396,7 +396,10 @@ class RunTracker:
     """One MLflow run: params, tags, batched metrics, artifacts and a terminal status.
 
     ``run_id`` given: continue that run (a resumed training run) — its status goes
-    back to RUNNING and no second run is created. Metrics are buffered and sent
+    back to RUNNING, the previous attempt's ``attamba.failure_reason`` is cleared, no
+    second run is created, and a metric value at a step the run already has is not
+    sent again (a resumed run retrains the steps after its checkpoint: each step is
+    logged exactly once). Metrics are buffered and sent
     with one ``log_batch`` call per ``flush_every`` values, or at the first
     ``log_metrics`` call after ``flush_seconds``; ``flush``/``finish`` send the rest.
     As a context manager, an escaping exception marks the run FAILED (KILLED for
@@ -440,6 +443,7 @@ class RunTracker:
         self._clock, self._sleep = clock, sleep
         self._client = MlflowClient(tracking_uri=uri)
         self._buffer: list[Metric] = []
+        self._logged: set[tuple[str, int]] = set()  # (key, step) already in the store of a resumed run
         self._last_flush = clock()
         self._failing_since: float | None = None  # when the store began refusing writes
         self._retry_delay = 0.0
@@ -461,12 +465,16 @@ class RunTracker:
 
     def _resume(self, tags: dict[str, Any]) -> None:
         try:
-            self._call(self._client.get_run, self.run_id)
+            run = self._call(self._client.get_run, self.run_id)
         except MlflowException as error:
             if error.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
             raise ValueError(f"run_id: no run {self.run_id!r} to resume in tracking.uri={self.uri}") from None
+        self._logged = {(key, metric.step) for key in run.data.metrics
+                        for metric in self._call(self._client.get_metric_history, self.run_id, key)}
         self._call(self._client.update_run, self.run_id, status="RUNNING")
+        if TAG_FAILURE_REASON in run.data.tags:  # it told why the previous attempt ended, not this one
+            self._call(self._client.delete_tag, self.run_id, TAG_FAILURE_REASON)
         self.set_tags(tags)
 
     def log_params(self, flat: dict[str, Any]) -> None:
@@ -496,10 +504,12 @@ class RunTracker:
             self._call(self._client.log_batch, self.run_id, tags=run_tags_, synchronous=True)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Buffer (and spill) ``metrics`` at ``step``; send the buffer when it is full or
-        ``flush_seconds`` old. Never waits for a store that refuses writes."""
+        """Buffer (and spill) ``metrics`` at ``step`` (those a resumed run has at ``step`` already are left
+        out); send the buffer when it is full or ``flush_seconds`` old. Never waits for a store that
+        refuses writes."""
         timestamp = _now_ms()
-        new = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
+        new = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()
+               if (key, step) not in self._logged]
         self._buffer.extend(new)
         self._spill(new)
         if len(self._buffer) >= self.flush_every or self._clock() - self._last_flush >= self.flush_seconds:
@@ -686,6 +696,16 @@ def find_runs(uri: str, experiment: str, filter_string: str = "") -> list[dict[s
         page_token = page.token
         if not page_token:
             return runs
+
+
+def run_status(uri: str, run_id: str) -> str | None:
+    """The status of run ``run_id`` in the store at ``uri`` (RUNNING, FINISHED, ...), None if it has no such run."""
+    try:
+        return _retry_locked(reading_client(uri).get_run, run_id).info.status
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return None
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

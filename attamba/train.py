@@ -3,12 +3,23 @@
 Turns the composed DictConfig into the typed :class:`Config`, resolves what is
 decided at compose time (iso-matched baseline widths, the output directory),
 and hands the result to :func:`attamba.trainer.train`.
+
+Exit status, for single runs and ``-m`` sweeps alike:
+
+* 0: trained to the end (or nothing left to do);
+* 1: a run failed (a diverged loss, a full disk, ...); its MLflow run is FAILED with the reason;
+* 2: refused before training: a bad setting (ours or Hydra's) or a run already in progress;
+  nothing tracked changed;
+* 130 / 143: stopped by SIGINT / SIGTERM; the run is KILLED and the same command resumes it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import signal
 import sys
+import threading
 
 import hydra
 from omegaconf import DictConfig
@@ -76,25 +87,62 @@ def resolve(composed: DictConfig) -> Config:
     return resolve_output_dir(canonicalize(resolve_match(resolve_vocab(from_dictconfig(composed)))))
 
 
+EXIT_FAILED = 1
+EXIT_REFUSED = 2
+EXIT_SIGINT = 128 + signal.SIGINT
+EXIT_SIGTERM = 128 + signal.SIGTERM
+
 register_configs()
+
+
+def stop_on_sigterm() -> threading.Event:
+    """SIGTERM asks the run to stop at its next step, with a checkpoint (as a sweep's preemption
+    does); a second SIGTERM ends the process at once."""
+    requested = threading.Event()
+
+    def handle(signum: int, frame) -> None:
+        requested.set()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    signal.signal(signal.SIGTERM, handle)
+    return requested
+
+
+def fail(message: str, code: int) -> SystemExit:
+    print(f"attamba-train: {message}", file=sys.stderr, flush=True)
+    return SystemExit(code)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _app(composed: DictConfig) -> float | None:
+    from attamba.checkpoint import NoSpaceLeft
     from attamba.tracking import TrackingUnavailable
-    from attamba.trainer import train
+    from attamba.trainer import TrainingDiverged, train
+    from launchers.job import any_rank
 
     try:
         config = resolve(composed)
         if composed.get("plan"):  # as with -m: the plan of this one run, and nothing trained
             return print_plan(config)
-        final = train(config)
+        sigterm = stop_on_sigterm()
+        final = train(config, stop_requested=lambda: any_rank(sigterm.is_set()))
     except ValueError as error:  # a bad setting: one clear line naming it, no traceback
-        print(f"attamba-train: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise fail(f"error: {error}", EXIT_REFUSED) from None
     except TrackingUnavailable as error:  # the run stopped with a checkpoint; its line says what to do
-        print(f"attamba-train: error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise fail(f"error: {error}", EXIT_FAILED) from None
+    except (TrainingDiverged, NoSpaceLeft) as error:  # the run is FAILED with this reason
+        raise fail(f"error: {error.strerror if isinstance(error, OSError) else error}; the MLflow run is FAILED",
+                   EXIT_FAILED) from None
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise fail(f"error: {error}", EXIT_FAILED) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted: its MLflow run is KILLED; run the same command to resume from its last "
+                   "checkpoint", EXIT_SIGINT) from None
+    if "preempted_at_step" in final:
+        raise fail(f"stopped by SIGTERM at step {int(final['preempted_at_step'])}: checkpoint saved, the MLflow "
+                   "run is KILLED; run the same command to resume", EXIT_SIGTERM)
     return final.get("eval/val/loss")
 
 
@@ -106,7 +154,16 @@ def print_plan(config: Config) -> None:
 
 
 def main() -> None:
-    _app()
+    try:
+        _app()
+    except SystemExit as exit_:
+        # Hydra ends a bad override or config group with exit 1, raised while handling its error
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        if exit_.code == 1 and isinstance(exit_.__context__, (HydraException, OmegaConfBaseException)):
+            raise SystemExit(EXIT_REFUSED) from None
+        raise
 
 
 if __name__ == "__main__":

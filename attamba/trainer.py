@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +22,7 @@ import torch
 from attamba import accounting, checkpoint, distributed, hardware
 from attamba.compilation import resolve_compile
 from attamba.config import Config, flat_params, to_dict
+from attamba.locking import LockBusy, exclusive_lock
 from attamba.progress import Progress
 from attamba.step import StepOutput, TrainStep, build_training
 
@@ -31,6 +34,12 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the run is marked FAILED with this reason."""
 
 
+def output_setting(config: Config) -> str:
+    """The setting a user changes to move ``train.output_dir``: itself, or the root it defaults under."""
+    output, root = Path(config.train.output_dir).absolute(), Path(config.train.checkpoint_root).absolute()
+    return "train.checkpoint_root" if output.parent == root else "train.output_dir"
+
+
 def preflight(config: Config) -> None:
     """Every check that can fail without training, each naming its setting; changes nothing tracked."""
     from attamba.tracking import check_tracking_uri
@@ -39,8 +48,12 @@ def preflight(config: Config) -> None:
     probe = output
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise ValueError(f"train.output_dir: {output} is not writable (checked {probe})")
+    try:  # by creating a file: permission bits do not tell (root passes them; /proc and read-only mounts refuse)
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as error:
+        raise ValueError(f"{output_setting(config)}: {output} is not writable (checked {probe}: "
+                         f"{error.strerror or error})") from None
     if config.eval.wikitext2_path is not None and not Path(config.eval.wikitext2_path).is_file():
         raise ValueError(f"eval.wikitext2_path: no such file {config.eval.wikitext2_path}")
     check_tracking_uri(config.tracking.uri)
@@ -66,20 +79,73 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
           clock: Clock = time.perf_counter) -> dict:
     """Train (or resume) the run described by ``config``; returns its final metrics.
 
-    ``clock`` times the run (seconds, monotonic): tokens/s and the time to the first step.
+    ``clock`` times the run (seconds, monotonic): tokens/s and the time to the first step. One
+    process at a time trains an output directory: a second one started on it (the same command
+    twice) raises a ``ValueError`` saying so, and changes nothing.
     """
+    preflight(config)
+    if not distributed.detect().is_main:  # rank 0 holds the lock for every rank
+        return _train(config, stop_requested, parent_run_id, clock)
+    output = Path(config.train.output_dir)
+    try:
+        with exclusive_lock(output / ".lock", wait=False):
+            return _train(config, stop_requested, parent_run_id, clock)
+    except LockBusy as busy:
+        raise ValueError(f"{output_setting(config)}: {output} is being trained by another process "
+                         f"({busy.holder and 'pid ' + busy.holder or 'still running'}); this run is in "
+                         "progress there: run the command again once it has ended") from None
+
+
+def open_run(config: Config, flat: dict, run_id: str | None, parent_run_id: str | None, model: torch.nn.Module,
+             tokenizer, world_size: int, replay_through_step: int):
+    """The run's tracker, created or resumed, with its params, model metrics and artifacts logged
+    (on a resumed run only those it lacks are added), and the metric values an earlier attempt kept
+    on disk (``replay_through_step``) sent."""
+    import yaml
+
+    from attamba.tracking import SPILL_FILE, RunTracker, run_tags
+
+    tags = run_tags(flat)
+    if "CUDA_VISIBLE_DEVICES" in os.environ:  # which GPU a local sweep gave this run
+        tags["attamba.cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
+    if world_size > 1:
+        tags["attamba.world_size"] = str(world_size)
+    output = Path(config.train.output_dir)
+    tracker = RunTracker(config.tracking.uri, config.tracking.experiment, run_name=run_name(config),
+                         run_id=run_id, parent_run_id=parent_run_id, tags=tags,
+                         spill_path=output / SPILL_FILE, replay_through_step=replay_through_step,
+                         unavailable_timeout_s=config.tracking.unavailable_timeout_s)
+    checkpoint.record_run_id(output, tracker.run_id)
+    tracker.log_params(flat)
+    seq_len = config.train.seq_len
+    tracker.log_metrics({
+        "model/params": float(sum(p.numel() for p in model.parameters())),
+        "model/kv_bytes_per_token": accounting.kv_bytes_per_token(config.model, config.chunking, seq_len),
+        "model/attn_flops_per_token": accounting.attention_flops_per_token(config.model, config.chunking, seq_len),
+    }, step=0)
+    config_file = output / "config.yaml"
+    config_file.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    tracker.log_artifact(config_file)
+    tracker.log_artifact(tokenizer.save(output / "tokenizer"), artifact_path="tokenizer")
+    return tracker
+
+
+def finish_run(tracker, final: dict[str, float]) -> None:
+    """Store the final metrics as an artifact and mark the run FINISHED."""
+    tracker.log_dict(final, "final_metrics.json")
+    tracker.finish("FINISHED")
+
+
+def _train(config: Config, stop_requested: StopCheck | None, parent_run_id: str | None, clock: Clock) -> dict:
     from attamba.data import build_batches, build_tokenizer, validation_documents
     from attamba.data.mqar import heldout_set
     from attamba.data.prefetch import Prefetcher
     from attamba.evals import suite
     from attamba.evals.passkey import check_lengths
-    import yaml
-
-    from attamba.tracking import SPILL_FILE, RunTracker, TrackingUnavailable, run_tags
+    from attamba.tracking import TrackingUnavailable, run_status
 
     started = clock()
     dist_info = distributed.detect()
-    preflight(config)
     device = hardware.resolve_device(config.train.device, dist_info.local_rank)
     distributed.init(dist_info, device)
     output = Path(config.train.output_dir)
@@ -103,17 +169,29 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
                             rank=dist_info.rank, world_size=dist_info.world_size, seed=config.train.seed)
 
     step, run_id = 0, None
-    resume_from = checkpoint.latest(output)
-    if resume_from is not None:
-        state = checkpoint.load(resume_from, map_location=device)
+    say = (lambda text: print(text, file=sys.stderr, flush=True)) if dist_info.is_main else (lambda text: None)
+    resumed = checkpoint.load_latest(output, map_location=device, say=say)
+    if resumed is None:  # stopped before its first checkpoint: the same MLflow run starts over
+        run_id = checkpoint.recorded_run_id(output)
+        if run_id is not None and dist_info.is_main and run_status(config.tracking.uri, run_id) is None:
+            run_id = None  # recorded in another store: this one gets its own run
+    else:
+        state = resumed[1]
         model.load_state_dict(state["model"])
         training.optimizer.load_state_dict(state["optimizer"])
         training.scheduler.load_state_dict(state["scheduler"])
         batches.load_state_dict(state["data"][dist_info.rank])
         checkpoint.set_rng_state(state["rng"])
         step, run_id = state["step"], state["mlflow_run_id"]
-        if step >= config.train.steps:  # finished earlier: nothing to train, nothing to re-log
-            if dist_info.is_main:
+        if step >= config.train.steps:  # finished earlier: nothing to train
+            status = run_status(config.tracking.uri, run_id) if dist_info.is_main else "FINISHED"
+            if status not in ("FINISHED", None):  # the process ended before its store did: bring it in line
+                tracker = open_run(config, flat, run_id, parent_run_id, model, tokenizer, dist_info.world_size, step)
+                tracker.log_metrics(state["final"], step=step)  # those the store lacks
+                finish_run(tracker, state["final"])
+                say(f"finished MLflow run {run_id}, left {status} by a process that ended after its final "
+                    "checkpoint, with the results that checkpoint holds")
+            elif dist_info.is_main:
                 print(f"already trained: {output} holds the final checkpoint (step {step} of {config.train.steps}) "
                       f"of MLflow run {run_id}; nothing to do", flush=True)
             distributed.shutdown()
@@ -123,27 +201,8 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
 
     tracker = None
     if dist_info.is_main:
-        tags = run_tags(flat)
-        if "CUDA_VISIBLE_DEVICES" in os.environ:  # which GPU a local sweep gave this run
-            tags["attamba.cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
-        if dist_info.enabled:
-            tags["attamba.world_size"] = str(dist_info.world_size)
-        tracker = RunTracker(config.tracking.uri, config.tracking.experiment, run_name=run_name(config),
-                             run_id=run_id, parent_run_id=parent_run_id, tags=tags,
-                             spill_path=output / SPILL_FILE, replay_through_step=step,
-                             unavailable_timeout_s=config.tracking.unavailable_timeout_s)
+        tracker = open_run(config, flat, run_id, parent_run_id, model, tokenizer, dist_info.world_size, step)
         run_id = tracker.run_id
-        tracker.log_params(flat)
-        seq_len = config.train.seq_len
-        tracker.log_metrics({
-            "model/params": float(sum(p.numel() for p in model.parameters())),
-            "model/kv_bytes_per_token": accounting.kv_bytes_per_token(config.model, config.chunking, seq_len),
-            "model/attn_flops_per_token": accounting.attention_flops_per_token(config.model, config.chunking, seq_len),
-        }, step=0)
-        config_file = output / "config.yaml"
-        config_file.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-        tracker.log_artifact(config_file)
-        tracker.log_artifact(tokenizer.save(output / "tokenizer"), artifact_path="tokenizer")
 
     progress = Progress(config.train.steps, dist_info.is_main)
     tokens_per_step = config.train.batch_size * config.train.seq_len
@@ -185,12 +244,17 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
     def save_checkpoint(at_step: int) -> None:
         data_states = distributed.gather_objects(feed.state_dict(), dist_info)  # each rank's own position
         if dist_info.is_main:
-            checkpoint.save(output, at_step, {
-                "model": model.state_dict(), "optimizer": training.optimizer.state_dict(),
-                "scheduler": training.scheduler.state_dict(), "data": data_states, "rng": checkpoint.rng_state(),
-                "step": at_step, "mlflow_run_id": run_id, "config": to_dict(config), "final": final},
-                tokenizer=tokenizer)
-            tracker.flush()  # the store shows what the checkpoint covers, if it takes writes (never waits)
+            # The store holds every step up to a checkpoint before it exists, if it takes writes (never waits).
+            tracker.flush()
+            try:
+                checkpoint.save(output, at_step, {
+                    "model": model.state_dict(), "optimizer": training.optimizer.state_dict(),
+                    "scheduler": training.scheduler.state_dict(), "data": data_states,
+                    "rng": checkpoint.rng_state(), "step": at_step, "mlflow_run_id": run_id,
+                    "config": to_dict(config), "final": final},
+                    tokenizer=tokenizer)
+            except checkpoint.NoSpaceLeft as full:
+                raise checkpoint.NoSpaceLeft(full.path, at_step, setting=output_setting(config)) from None
         distributed.barrier(dist_info)
 
     def log_interval(out: StepOutput, elapsed: float, steps: int) -> None:
@@ -217,7 +281,8 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
             if stop_requested is not None and stop_requested():
                 save_checkpoint(step)
                 if tracker:
-                    tracker.finish("KILLED", reason=f"preempted at step {step}; resumes from its checkpoint")
+                    tracker.finish("KILLED", reason=f"stopped at step {step} (SIGTERM or preemption); "
+                                                    "resumes from its checkpoint")
                 return {"preempted_at_step": float(step)}
             if tracker and (lost := tracker.store_lost()):
                 # A checkpoint needs every rank: with several, a rerun resumes from the last one.
@@ -252,14 +317,17 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
             final.update(evaluate_passkey(step))
         save_checkpoint(step)
         if tracker:
-            tracker.log_dict(final, "final_metrics.json")
-            tracker.finish("FINISHED")
+            finish_run(tracker, final)
         progress.message(f"done: {step} steps; checkpoints and config in {output}")
         return final
     except BaseException as error:
         if tracker and not isinstance(error, TrackingUnavailable):  # that store takes no status
             reason = f"{type(error).__name__}: {error}"
-            tracker.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED", reason=reason)
+            try:
+                tracker.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED", reason=reason)
+            except Exception as store_error:  # noqa: BLE001 - the run's own error is the one to raise
+                say(f"could not end MLflow run {run_id} in {config.tracking.uri} ({type(store_error).__name__}: "
+                    f"{store_error}); the same command brings it in line")
         raise
     finally:
         feed.close()

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import submitit
 
 from launchers.job import TrainJob, close_run
-from launchers.sweep import SweepPoint, require_int
+from launchers.sweep import SweepPoint, failure_reason, require_int
 
 # How long the jobs of an interrupted sweep get to end their runs before we end them from here.
 CANCEL_GRACE_SECONDS = 60.0
@@ -134,7 +134,7 @@ def collect(job: submitit.Job, point: SweepPoint, seconds: float) -> Outcome:
     try:
         return Outcome(point, "finished", job.result(), seconds)
     except Exception as error:  # noqa: BLE001
-        print(f"[sweep] {point.name} failed: {str(error).strip().splitlines()[-1]}", file=sys.stderr)
+        print(f"[sweep] {point.name} failed: {failure_reason(error)} (log: {job.paths.stderr})", file=sys.stderr)
         return Outcome(point, "failed", error, seconds)
 
 

@@ -29,7 +29,7 @@ import submitit
 
 from launchers.job import TrainJob, close_run
 from launchers.local import Outcome
-from launchers.sweep import SweepPoint, require_int
+from launchers.sweep import SweepPoint, failure_reason, require_int
 
 POLL_SECONDS = 1.0  # how often result files are looked for
 STATUS_SECONDS = 5.0  # how often sacct is asked for job states
@@ -343,7 +343,7 @@ def run_points(points: Sequence[SweepPoint], parent_run_id: str | None, folder: 
             outcomes.append(outcome)
             progress.counts[outcome.status] += 1
             if outcome.status != "finished":
-                print(f"[sweep] {point.name} {outcome.status}: {str(outcome.result).strip().splitlines()[-1]}",
+                print(f"[sweep] {point.name} {outcome.status}: {failure_reason(outcome.result)}",
                       file=sys.stderr, flush=True)
         states = [job_state(job) for job in jobs]
         progress.counts["running"] = sum(state in RUNNING_STATES for state in states)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -84,6 +85,17 @@ def prepare_points(job_overrides: Sequence[Sequence[str]], compose: Callable[[li
     if errors:
         raise SweepError("invalid sweep, nothing was submitted:\n  " + "\n  ".join(errors))
     return points
+
+
+def failure_reason(error: BaseException) -> str:
+    """One line saying why a job failed: the exception its run raised (the last line of the trace that
+    submitit wraps between dashed lines in its ``FailedJobError``, before the paths of its logs)."""
+    text = str(error).strip()
+    parts = text.split("----------------------\n")
+    if len(parts) >= 3:
+        text = parts[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return re.sub(r"^(\w+\.)+(?=\w+: )", "", lines[-1]) if lines else type(error).__name__
 
 
 def _first_line(error: Exception) -> str:

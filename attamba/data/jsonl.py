@@ -12,6 +12,7 @@ import glob
 import gzip
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
@@ -49,13 +50,22 @@ def resolve_paths(patterns: Sequence[str]) -> list[Path]:
 
 
 def read_texts(path: Path) -> Iterator[str]:
-    """Stream the non-empty ``text`` fields of one shard, in line order."""
-    with _open(path) as lines:
-        for number, line in enumerate(lines, start=1):
-            if line.strip():
-                text = _text_of(line, path, number)
-                if text.strip():
-                    yield text
+    """Stream the non-empty ``text`` fields of one shard, in line order; a file that is not
+    UTF-8 text (or not gzip, for ``.gz``) is a ``ValueError`` naming it."""
+    try:
+        with _open(path) as lines:
+            for number, line in enumerate(lines, start=1):
+                if line.strip():
+                    text = _text_of(line, path, number)
+                    if text.strip():
+                        yield text
+    except UnicodeDecodeError as error:
+        raise ValueError(f"data.paths: {path} is not UTF-8 text (byte {error.object[error.start]:#04x}); "
+                         "shards hold JSON lines") from None
+    except (OSError, EOFError, zlib.error) as error:  # BadGzipFile is an OSError; a cut-off gzip an EOFError
+        if not path.name.endswith(".gz"):
+            raise
+        raise ValueError(f"data.paths: {path} is not a readable gzip file ({type(error).__name__}: {error})") from None
 
 
 def iter_documents(data: DataConfig, split: str) -> Iterator[str]:

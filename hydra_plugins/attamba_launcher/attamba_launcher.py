@@ -42,14 +42,17 @@ class AttambaLauncher(Launcher):
         return resolve(self.hydra_context.config_loader.load_sweep_config(self.config, overrides))
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from attamba.train import EXIT_REFUSED
+
         try:
             return self._launch(job_overrides)
-        except ValueError as error:  # a bad sweep: its message names the settings; no traceback, exit 2
+        except ValueError as error:  # a bad sweep: its message names the settings; no traceback
             print(f"attamba-train: error: {error}", file=sys.stderr)
-            raise SystemExit(2) from None
+            raise SystemExit(EXIT_REFUSED) from None
 
     def _launch(self, job_overrides: Sequence[Sequence[str]]) -> Sequence[JobReturn]:
         from attamba.tracking import RunTracker, ensure_store, find_runs, git_commit, start_parent_run
+        from attamba.train import EXIT_FAILED, EXIT_SIGINT
         from launchers.sweep import (SweepPoint, named_apart, plan_table, prepare_points, sweep_key, unique,
                                      with_tracking)
 
@@ -99,7 +102,7 @@ class AttambaLauncher(Launcher):
             with RunTracker(tracking.uri, tracking.experiment, run_id=parent) as parent_run:
                 parent_run.finish("KILLED", reason=reason)
             print(f"[sweep] {sweep_name} {reason}", file=sys.stderr)
-            raise SystemExit(130) from None
+            raise SystemExit(EXIT_SIGINT) from None
 
         failed = [o for o in outcomes if o.status in ("failed", "cancelled")]
         with RunTracker(tracking.uri, tracking.experiment, run_id=parent) as parent_run:
@@ -107,13 +110,11 @@ class AttambaLauncher(Launcher):
                               reason=f"{len(failed)} of {len(distinct)} runs failed" if failed else None)
         print(f"[sweep] {sweep_name}: {len(outcomes) - len(failed)} of {len(outcomes)} runs done; "
               f"MLflow experiment {tracking.experiment!r} at {tracking.uri} (parent run {parent})")
+        if failed:  # each failure was reported in one line as it came; Hydra would add their tracebacks
+            raise SystemExit(EXIT_FAILED)
         by_hash = {o.point.config_hash: o for o in outcomes}
-        returns = []
-        for point in points:
-            outcome = by_hash[point.config_hash]
-            status = JobStatus.FAILED if outcome.status in ("failed", "cancelled") else JobStatus.COMPLETED
-            returns.append(JobReturn(overrides=list(point.overrides), status=status, _return_value=outcome.result))
-        return returns
+        return [JobReturn(overrides=list(point.overrides), status=JobStatus.COMPLETED,
+                          _return_value=by_hash[point.config_hash].result) for point in points]
 
     def _run(self, points, parent_run_id: str, folder: Path, skip: frozenset[str]):
         if self.cluster == "slurm":
