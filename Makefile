@@ -16,7 +16,7 @@ help: ## list the targets
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet -e '.[dev,eval]'
 	# mistral-common only ships the SentencePiece model we test with; its deps are not needed
 	$(PIP) install --quiet --no-deps mistral-common==1.13.1
 	$(VENV)/bin/attamba-prepare-data --root runs/data

@@ -258,7 +258,7 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
                 wt = evaluate_wikitext2(model, tokenizer, config.eval.wikitext2_path, eval_context,
                                         device=device, autocast_dtype=amp_dtype)
                 metrics.update({f"eval/wikitext2/{key}": wt[key]
-                                for key in ("word_perplexity", "byte_perplexity", "bits_per_byte")})
+                                for key in ("word_perplexity", "byte_perplexity", "bits_per_byte", "paper_perplexity")})
             tracker.log_metrics(metrics, step=at_step)
             progress.message(f"eval @ {at_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         distributed.barrier(dist_info)
