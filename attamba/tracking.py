@@ -442,12 +442,37 @@ def find_runs(uri: str, experiment: str, filter_string: str = "") -> list[dict[s
     while True:
         page = _retry_locked(client.search_runs, [found.experiment_id], filter_string,
                              order_by=["attributes.start_time DESC"], page_token=page_token)
-        runs.extend({"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
-                     "tags": dict(run.data.tags), "params": dict(run.data.params),
-                     "metrics": dict(run.data.metrics)} for run in page)
+        runs.extend(_run_dict(run) for run in page)
         page_token = page.token
         if not page_token:
             return runs
+
+
+def _run_dict(run: Any) -> dict[str, Any]:
+    return {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
+            "tags": dict(run.data.tags), "params": dict(run.data.params), "metrics": dict(run.data.metrics)}
+
+
+def find_run(uri: str, run: str) -> dict[str, Any]:
+    """The run whose id, else whose name (in any experiment), is ``run``, as :func:`find_runs` gives it;
+    ``ValueError("run: ...")`` if there is none or the name is ambiguous."""
+    client = reading_client(uri)
+    try:
+        return _run_dict(_retry_locked(client.get_run, run))
+    except MlflowException as error:
+        if error.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+    if "'" in run:  # it would end the literal of the MLflow filter below
+        raise ValueError(f"run: no run has the id {run!r}, and a run name cannot contain a single quote")
+    experiments = [experiment.experiment_id for experiment in _retry_locked(client.search_experiments)]
+    found = _retry_locked(client.search_runs, experiments, f"attributes.run_name = '{run}'",
+                          order_by=["attributes.start_time DESC"]) if experiments else []
+    if not found:
+        raise ValueError(f"run: no run with the id or name {run!r} in {uri}")
+    if len(found) > 1:
+        raise ValueError(f"run: {len(found)} runs are named {run!r} in {uri} "
+                         f"({', '.join(r.info.run_id for r in found)}); pass a run id")
+    return _run_dict(found[0])
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

@@ -1,0 +1,2 @@
+"""Evaluations of trained runs: loading a run's checkpoint (:mod:`attamba.evals.runs`) and
+lm-evaluation-harness over our models (:mod:`attamba.evals.harness`, needs the ``eval`` extra)."""
