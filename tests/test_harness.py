@@ -145,6 +145,14 @@ def test_unknown_task_is_an_error_naming_it(tiny_run: TinyRun) -> None:
         run_tasks(tiny_run.model, tiny_run.tokenizer, ["no_such_task"], "cpu", context=CONTEXT)
 
 
+def test_ruler_niah_runs_offline_with_our_tokenizer(tiny_run: TinyRun) -> None:
+    """RULER's needle-in-a-haystack generates its data sized by our tokenizer (saved for transformers)
+    and is answered by greedy decoding: an untrained model runs it and scores in [0, 1]."""
+    metrics = run_tasks(tiny_run.model, tiny_run.tokenizer, ["niah_single_1"], "cpu", context=512, limit=1)
+    assert set(metrics) == {"eval/niah_single_1/512"}
+    assert 0.0 <= metrics["eval/niah_single_1/512"] <= 1.0
+
+
 @pytest.fixture(scope="module")
 def wikitext_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three short WikiText-2 test pages (one of them spans several windows of CONTEXT tokens)."""

@@ -21,7 +21,9 @@ From Python, :func:`run_tasks` returns the metrics as ``eval/<task>/<metric>``.
 
 from __future__ import annotations
 
+import json
 import math
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -158,21 +160,46 @@ def metric_name(task: str, key: str) -> str:
     return f"eval/{task}/{metric}" + (f"/{filtered}" if filtered and filtered != "none" else "")
 
 
+def save_hf_tokenizer(tokenizer: Tokenizer, directory: Path) -> Path:
+    """``tokenizer`` as a directory ``transformers.AutoTokenizer.from_pretrained`` loads: RULER's
+    synthetic tasks size their prompts with it, so they see our model's token counts."""
+    from attamba.data.tokenizer import BOS, EOS
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(directory)
+    kind = "PreTrainedTokenizerFast" if tokenizer.kind == "tokenizers" else "LlamaTokenizer"
+    settings = {"tokenizer_class": kind, "bos_token": BOS, "eos_token": EOS, "add_bos_token": False,
+                "model_max_length": 1 << 30}
+    (directory / "tokenizer_config.json").write_text(json.dumps(settings))
+    return directory
+
+
 def run_tasks(model: LanguageModel, tokenizer: Tokenizer, tasks: Sequence[str], device: str | torch.device,
               context: int = DEFAULT_CONTEXT, limit: int | None = None,
               metadata: dict[str, Any] | None = None) -> dict[str, float]:
     """Run lm-eval ``tasks`` (its own and ours in ``TASKS_DIR``) on ``model``; metrics as
     ``eval/<task>/<metric>``. ``metadata`` reaches the tasks: ``wikitext2_path`` for ``wikitext2``;
-    RULER's ``max_seq_lengths`` defaults to ``[context]``. ``ValueError("tasks: ...")`` names an
-    unknown task before anything runs."""
-    manager = TaskManager(include_path=str(TASKS_DIR), metadata={"max_seq_lengths": [context], **(metadata or {})})
-    unknown = [task for task in tasks if task not in manager.all_tasks]
-    if unknown or not tasks:
-        raise ValueError(f"tasks: unknown lm-eval task(s) {', '.join(unknown)}" if unknown
-                         else "tasks: name at least one lm-eval task")
-    lm = AttambaLM(model.to(device).eval(), tokenizer, context=context)
-    results = simple_evaluate(lm, tasks=list(tasks), task_manager=manager, limit=limit, bootstrap_iters=0,
-                              log_samples=False)
+    for RULER, ``max_seq_lengths`` defaults to ``[context]`` and ``tokenizer`` to ours (saved for
+    ``transformers``). ``ValueError("tasks: ...")`` names an unknown task before anything runs."""
+    with tempfile.TemporaryDirectory(prefix="attamba-tokenizer-") as scratch:
+        metadata = {"max_seq_lengths": [context], **(metadata or {})}
+        metadata.setdefault("tokenizer", str(save_hf_tokenizer(tokenizer, Path(scratch))))
+        manager = TaskManager(include_path=str(TASKS_DIR), metadata=metadata)
+        unknown = [task for task in tasks if task not in manager.all_tasks]
+        if unknown or not tasks:
+            raise ValueError(f"tasks: unknown lm-eval task(s) {', '.join(unknown)}" if unknown
+                             else "tasks: name at least one lm-eval task")
+        lm = AttambaLM(model.to(device).eval(), tokenizer, context=context)
+        results = simple_evaluate(lm, tasks=list(tasks), task_manager=manager, limit=limit, bootstrap_iters=0,
+                                  log_samples=False)
     return {metric_name(task, key): float(value)
-            for task, values in results["results"].items() for key, value in values.items()
-            if "_stderr," not in key and isinstance(value, (int, float)) and not isinstance(value, bool)}
+            for task, values in results["results"].items() for key, value in values.items() if _is_score(key, value)}
+
+
+def _is_score(key: str, value: Any) -> bool:
+    """A metric value of lm-eval's results: not a standard error, not its ``sample_len`` count, and not
+    RULER's -1 for a sequence length it was not asked to run."""
+    metric = key.partition(",")[0]
+    if "_stderr" in metric or metric == "sample_len" or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    return not (metric.isdigit() and value == -1)
