@@ -13,7 +13,8 @@ and native runs mix in every table and figure:
   ``P`` of the study's Attamba runs is the paper's iso-KV rule; other narrowed widths
   are FLOP-matched; an explicit full width is the parameter-matched point;
 * metrics: see ``TRAIN_METRICS`` / ``EVAL_TASKS`` / ``EVAL_METRICS`` (WikiText-2:
-  ``PAPER_EVAL_METRICS``, the paper's per-token perplexity), at their Lingua steps, plus ``model/kv_bytes_per_token`` from :mod:`attamba.accounting`.
+  ``PAPER_EVAL_METRICS``, the paper's per-token perplexity), at their Lingua steps,
+  plus ``model/kv_bytes_per_token`` from :mod:`attamba.accounting`.
 
 Re-importing is idempotent: a dump is known by its original ``dump_dir`` and its
 files' fingerprint; an unchanged dump is skipped, a changed one replaces its run.

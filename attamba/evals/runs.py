@@ -53,7 +53,7 @@ def load_run(run: str, tracking_uri: str | None = None,
     config = from_dict(state["config"])
     model = build_model(config)
     model.load_state_dict(state["model"])
-    tokenizers = [directory / "tokenizer" / name for name in TOKENIZER_FILES if (directory / "tokenizer" / name).is_file()]
+    tokenizers = [path for path in (directory / "tokenizer" / name for name in TOKENIZER_FILES) if path.is_file()]
     if not tokenizers:
         raise ValueError(f"run: checkpoint {directory} holds no tokenizer/ ({' or '.join(TOKENIZER_FILES)})")
     return config, model.to(device).eval(), load_tokenizer(tokenizers[0])
