@@ -22,9 +22,9 @@ lm-eval) scores each detokenized page once, as one prompt: ``[BOS] + t``
 truncated to its last ``L - 1`` tokens (``max_prompt_len`` = model length minus
 the one token it would generate), every token after the first of that window
 predicted from the window before it, and returns ``(ΣLL, tokens scored)`` per
-page; the reported value is ``exp(-ΣLL / Σtokens)`` over the pages (the one aggregation
-the stored numbers fit; the repository's lm-eval patch as committed would divide by words). It is a
-per-token perplexity of each page's last ``L - 2`` tokens (the whole page when
+page; the reported value is ``exp(-ΣLL / Σtokens)`` over the pages (the one
+aggregation the stored numbers fit; the repository's lm-eval patch as committed
+would divide by words). It is a per-token perplexity of each page's last ``L - 2`` tokens (the whole page when
 shorter), which is why the paper's stored word and byte perplexities are the
 same number and its bits per byte their log2: neither counts words or bytes.
 """
