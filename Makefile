@@ -13,10 +13,10 @@ PYTEST_ARGS ?=
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet -e '.[dev,eval]'
 	# mistral-common only ships the SentencePiece model we test with; its deps are not needed
 	$(PIP) install --quiet --no-deps mistral-common==1.13.1
 	$(VENV)/bin/attamba-prepare-data --root runs/data

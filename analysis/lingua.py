@@ -12,8 +12,9 @@ and native runs mix in every table and figure:
   within a study (the config's wandb project): a width of ``dim / P`` for a chunk size
   ``P`` of the study's Attamba runs is the paper's iso-KV rule; other narrowed widths
   are FLOP-matched; an explicit full width is the parameter-matched point;
-* metrics: see ``TRAIN_METRICS`` / ``EVAL_TASKS`` / ``EVAL_METRICS``, at their
-  Lingua steps, plus ``model/kv_bytes_per_token`` from :mod:`attamba.accounting`.
+* metrics: see ``TRAIN_METRICS`` / ``EVAL_TASKS`` / ``EVAL_METRICS`` (WikiText-2:
+  ``PAPER_EVAL_METRICS``, the paper's per-token perplexity), at their Lingua steps,
+  plus ``model/kv_bytes_per_token`` from :mod:`attamba.accounting`.
 
 Re-importing is idempotent: a dump is known by its original ``dump_dir`` and its
 files' fingerprint; an unchanged dump is skipped, a changed one replaces its run.
@@ -54,6 +55,10 @@ EVAL_METRICS = {
     "byte_perplexity,none": "byte_perplexity",
     "bits_per_byte,none": "bits_per_byte",
 }
+# The paper's patched lm-eval reported one per-token perplexity under all three WikiText names (its
+# "byte perplexity" is the same number, "bits per byte" its log2): it is our paper_perplexity
+# (attamba.evaluate), not lm-eval's word perplexity, and is imported under that name alone.
+PAPER_EVAL_METRICS = {"wikitext": {"word_perplexity,none": "paper_perplexity"}}
 # Lingua's chunk_strat names; strategies we do not implement keep a descriptive name.
 LINGUA_STRATEGIES = {"cyclic_pl": "cyclic", "uniform": "uniform", "random": "random",
                      "cyclic_pl_rand": "cyclic_random"}
@@ -326,7 +331,8 @@ def eval_metrics(records: Sequence[dict[str, Any]]) -> list[tuple[int, dict[str,
             if not isinstance(results, dict):
                 continue
             ours = EVAL_TASKS.get(task, task)
-            values.update({f"eval/{ours}/{name}": float(results[key]) for key, name in EVAL_METRICS.items()
+            names = PAPER_EVAL_METRICS.get(task, EVAL_METRICS)
+            values.update({f"eval/{ours}/{name}": float(results[key]) for key, name in names.items()
                            if isinstance(results.get(key), (int, float))})
         if values:
             rows.append((record["global_step"], values))

@@ -26,10 +26,13 @@ import polars as pl
 
 from attamba.tracking import hash_excluded
 
-PREFERRED_METRIC = "eval/wikitext2/word_perplexity"
+# WikiText-2 metrics a figure may plot when none is asked for: the one most runs of the selection
+# logged, in this order on a tie (imported paper runs have only the paper's per-token perplexity).
+PREFERRED_METRICS = ("eval/wikitext2/word_perplexity", "eval/wikitext2/paper_perplexity")
 FALLBACK_METRIC = "eval/val/word_perplexity"
 METRIC_LABELS = {
-    "eval/wikitext2/word_perplexity": "WikiText-2 word perplexity",
+    "eval/wikitext2/word_perplexity": "WikiText-2 word perplexity (lm-eval)",
+    "eval/wikitext2/paper_perplexity": "WikiText-2 perplexity as in the Attamba paper (per token)",
     "eval/wikitext2/byte_perplexity": "WikiText-2 byte perplexity",
     "eval/wikitext2/bits_per_byte": "WikiText-2 bits per byte",
     "eval/val/word_perplexity": "validation word perplexity",
@@ -146,19 +149,21 @@ def settings_signature(row: dict, ignore: Sequence[str]) -> tuple:
 
 
 def choose_metric(runs: pl.DataFrame, requested: str | None) -> Metric:
-    """The metric to plot: ``requested``, else WikiText-2 word perplexity, else (saying so)
-    validation perplexity. ``ValueError`` if a requested metric was never logged."""
+    """The metric to plot: ``requested``, else the WikiText-2 metric of ``PREFERRED_METRICS`` that
+    most runs logged, else (saying so) validation perplexity. ``ValueError`` if a requested metric
+    was never logged."""
     logged = [column for column in runs.columns if "/" in column and ":" not in column]
     if requested is not None:
         if requested not in runs.columns or runs[requested].is_null().all():
             raise ValueError(f"--metric: no run here logged {requested!r}; logged metrics are "
                              f"{', '.join(sorted(logged)) or 'none'}")
         return Metric(requested)
-    if PREFERRED_METRIC in runs.columns and not runs[PREFERRED_METRIC].is_null().all():
-        return Metric(PREFERRED_METRIC)
+    logged_by = {key: runs[key].is_not_null().sum() for key in PREFERRED_METRICS if key in runs.columns}
+    if any(logged_by.values()):
+        return Metric(max(logged_by, key=logged_by.__getitem__))  # max keeps the first of equals
     if FALLBACK_METRIC in runs.columns and not runs[FALLBACK_METRIC].is_null().all():
         return Metric(FALLBACK_METRIC, fallback="no WikiText-2 results")
-    raise NothingToPlot(f"no run logged {PREFERRED_METRIC} or {FALLBACK_METRIC}; pass --metric "
+    raise NothingToPlot(f"no run logged {' or '.join(PREFERRED_METRICS)} or {FALLBACK_METRIC}; pass --metric "
                         f"(logged: {', '.join(sorted(logged)) or 'none'})")
 
 

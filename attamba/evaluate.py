@@ -15,6 +15,18 @@ Rolling windows (lm-eval's ``get_rolling_token_windows`` with
 ``[BOS] + t[0:L-1]`` and scores ``t[0:L]``; every later window scores the next
 ``L`` tokens (fewer at the end of a page), each conditioned on the ``L`` tokens
 right before it, so every token is scored exactly once.
+
+``paper_perplexity`` is the number the Attamba paper reports as WikiText-2
+"word perplexity". Its evaluation (Lingua's ``EvalHarnessLM`` over a patched
+lm-eval) scores each detokenized page once, as one prompt: ``[BOS] + t``
+truncated to its last ``L - 1`` tokens (``max_prompt_len`` = model length minus
+the one token it would generate), every token after the first of that window
+predicted from the window before it, and returns ``(ΣLL, tokens scored)`` per
+page; the reported value is ``exp(-ΣLL / Σtokens)`` over the pages (the one
+aggregation the stored numbers fit; the repository's lm-eval patch as committed
+would divide by words). It is a per-token perplexity of each page's last ``L - 2`` tokens (the whole page when
+shorter), which is why the paper's stored word and byte perplexities are the
+same number and its bits per byte their log2: neither counts words or bytes.
 """
 
 from __future__ import annotations
@@ -159,6 +171,18 @@ def rolling_windows(tokens: list[int], bos_id: int, max_len: int) -> list[Window
     return windows
 
 
+def paper_windows(tokens: list[int], bos_id: int, max_len: int) -> list[Window]:
+    """The Attamba paper's one window per page: the last ``max_len - 1`` tokens of ``[BOS] + tokens``,
+    each after the first predicted from those before it (no window for an empty page)."""
+    if not isinstance(max_len, int) or max_len < 3:
+        raise ValueError(f"context: the paper's WikiText-2 window needs an integer >= 3, got {max_len!r}")
+    window = ([bos_id] + tokens)[-(max_len - 1):]
+    return [(window[:-1], window[1:])] if len(window) > 1 else []
+
+
+WindowMaker = Callable[[list[int], int, int], list[Window]]
+
+
 # ---------------------------------------------------------------------------
 # Scoring
 # ---------------------------------------------------------------------------
@@ -191,16 +215,14 @@ class DocumentScores:
         """Mean negative log-likelihood per token (nats)."""
         return -self.loglikelihood / self.tokens
 
+    @property
+    def token_perplexity(self) -> float:
+        return math.exp(self.token_loss)
+
 
 def _model_device(model: nn.Module) -> torch.device:
     parameter = next(model.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
-
-
-def _batches(windows: list[Window], batch_size: int) -> list[list[Window]]:
-    """Group windows longest first so that right padding stays minimal."""
-    ordered = sorted(windows, key=lambda window: len(window[0]), reverse=True)
-    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
 def _collate(batch: list[Window], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -221,18 +243,52 @@ def _collate(batch: list[Window], pad_id: int) -> tuple[torch.Tensor, torch.Tens
     return inputs, targets, scored
 
 
-def _batch_loglikelihood(
+def _batch_scores(
     model: nn.Module, batch: list[Window], pad_id: int, device: torch.device,
     autocast_dtype: Optional[torch.dtype],
-) -> float:
-    """Summed log-probability of the batch's targets (padding is masked out)."""
+) -> list[tuple[float, bool]]:
+    """Per window: summed log-probability of its targets, and whether each target was the argmax."""
     inputs, targets, scored = (tensor.to(device) for tensor in _collate(batch, pad_id))
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         logits = model(inputs)
     # fp32 softmax: bf16 logits would cost ~3 significant digits of perplexity
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return token_logprobs[scored].double().sum().item()
+    token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double()
+    loglikelihoods = torch.where(scored, token_logprobs, 0.0).sum(-1).tolist()
+    greedy = (~scored | (logprobs.argmax(-1) == targets)).all(-1).tolist()
+    return list(zip(loglikelihoods, greedy))
+
+
+def score_windows(
+    model: nn.Module,
+    windows: Sequence[Window],
+    pad_id: int,
+    batch_size: int = 8,
+    device: Optional[torch.device | str] = None,
+    autocast_dtype: Optional[torch.dtype] = None,
+) -> list[tuple[float, bool]]:
+    """``(log-likelihood of the targets, all targets greedy)`` of each window, in order.
+
+    Windows are batched longest first, right-padded and masked, so the model must be
+    causal. The model runs in eval mode under ``no_grad`` and gets its mode back afterwards.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
+    device = torch.device(device) if device is not None else _model_device(model)
+    order = sorted(range(len(windows)), key=lambda index: len(windows[index][0]), reverse=True)
+    results: list[tuple[float, bool]] = [(0.0, True)] * len(windows)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                indices = order[start:start + batch_size]
+                scores = _batch_scores(model, [windows[index] for index in indices], pad_id, device, autocast_dtype)
+                for index, score in zip(indices, scores):
+                    results[index] = score
+    finally:
+        model.train(was_training)
+    return results
 
 
 def score_documents(
@@ -244,14 +300,15 @@ def score_documents(
     detokenize: Optional[Callable[[str], str]] = None,
     device: Optional[torch.device | str] = None,
     autocast_dtype: Optional[torch.dtype] = None,
+    windows_of: WindowMaker = rolling_windows,
 ) -> DocumentScores:
-    """Score every token of every page once with rolling windows of ``context`` tokens.
+    """Score every token of every page once with rolling windows of ``context`` tokens
+    (or the windows ``windows_of(tokens, bos_id, context)`` makes, such as :func:`paper_windows`).
 
     The model reads ``detokenize(page)`` (or the page itself); words and bytes
     are counted on the original page. Windows from all pages are batched
-    together, right-padded and masked, so the model must be causal: its
-    output at a position may not depend on later positions. The model runs in
-    eval mode under ``no_grad`` and gets its train/eval mode back afterwards.
+    together by :func:`score_windows`, so the model must be causal: its output
+    at a position may not depend on later positions.
     """
     if not isinstance(context, int) or context < 1:
         raise ValueError(f"context: must be an integer >= 1, got {context!r}")
@@ -263,22 +320,11 @@ def score_documents(
     windows: list[Window] = []
     for page in pages:
         text = detokenize(page) if detokenize is not None else page
-        windows.extend(rolling_windows(tokenizer.encode(text), tokenizer.bos_id, context))
+        windows.extend(windows_of(tokenizer.encode(text), tokenizer.bos_id, context))
 
-    device = torch.device(device) if device is not None else _model_device(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            loglikelihood = sum(
-                _batch_loglikelihood(model, batch, tokenizer.bos_id, device, autocast_dtype)
-                for batch in _batches(windows, batch_size)
-            )
-    finally:
-        model.train(was_training)
-
+    scores = score_windows(model, windows, tokenizer.bos_id, batch_size, device, autocast_dtype)
     return DocumentScores(
-        loglikelihood=loglikelihood,
+        loglikelihood=math.fsum(loglikelihood for loglikelihood, _ in scores),
         tokens=sum(len(targets) for _, targets in windows),
         words=sum(count_words(page) for page in pages),
         bytes=sum(count_bytes(page) for page in pages),
@@ -295,15 +341,20 @@ def evaluate_wikitext2(
     device: Optional[torch.device | str] = None,
     autocast_dtype: Optional[torch.dtype] = None,
 ) -> dict[str, float]:
-    """lm-eval's ``wikitext`` metrics on a WikiText-2 raw file (``wiki.test.raw``)."""
-    scores = score_documents(
-        model, tokenizer, wikitext2_documents(path), context, batch_size=batch_size,
-        detokenize=wikitext_detokenize, device=device, autocast_dtype=autocast_dtype,
+    """lm-eval's ``wikitext`` metrics on a WikiText-2 raw file (``wiki.test.raw``), and the
+    Attamba paper's ``paper_perplexity`` (see the module docstring) at the same context."""
+    pages = wikitext2_documents(path)
+    scores, paper = (
+        score_documents(model, tokenizer, pages, context, batch_size=batch_size, detokenize=wikitext_detokenize,
+                        device=device, autocast_dtype=autocast_dtype, windows_of=windows_of)
+        for windows_of in (rolling_windows, paper_windows)
     )
     return {
         "word_perplexity": scores.word_perplexity,
         "byte_perplexity": scores.byte_perplexity,
         "bits_per_byte": scores.bits_per_byte,
+        "paper_perplexity": paper.token_perplexity,
+        "paper_tokens": paper.tokens,
         "loglikelihood": scores.loglikelihood,
         "words": scores.words,
         "bytes": scores.bytes,

@@ -690,9 +690,7 @@ def find_runs(uri: str, experiment: str, filter_string: str = "") -> list[dict[s
     while True:
         page = _retry_locked(client.search_runs, [found.experiment_id], filter_string,
                              order_by=["attributes.start_time DESC"], page_token=page_token)
-        runs.extend({"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
-                     "start_time": run.info.start_time, "tags": dict(run.data.tags), "params": dict(run.data.params),
-                     "metrics": dict(run.data.metrics)} for run in page)
+        runs.extend(_run_dict(run) for run in page)
         page_token = page.token
         if not page_token:
             return runs
@@ -706,6 +704,12 @@ def run_status(uri: str, run_id: str) -> str | None:
         if error.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         return None
+
+
+def _run_dict(run: Any) -> dict[str, Any]:
+    return {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
+            "start_time": run.info.start_time, "tags": dict(run.data.tags), "params": dict(run.data.params),
+            "metrics": dict(run.data.metrics)}
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -775,8 +779,7 @@ def find_run(uri: str, run: str) -> dict[str, Any] | None:
     if not found:
         return None
     (match,) = found
-    return {"run_id": match.info.run_id, "run_name": match.info.run_name, "status": match.info.status,
-            "tags": dict(match.data.tags), "params": dict(match.data.params), "metrics": dict(match.data.metrics)}
+    return _run_dict(match)
 
 
 def log_evaluation(uri: str, run_id: str, metrics: dict[str, float], step: int, evaluations: Sequence[str],

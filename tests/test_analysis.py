@@ -30,6 +30,7 @@ from attamba.tracking import RunTracker, run_tags, start_parent_run
 from conftest import PAPER_RUNS, require_shared
 
 WT2 = "eval/wikitext2/word_perplexity"
+PAPER_WT2 = "eval/wikitext2/paper_perplexity"  # what the paper's Lingua runs report (attamba.evaluate)
 VAL = "eval/val/word_perplexity"
 FIGURE_NAMES = ("iso-kv", "pareto", "leading-tokens", "chunk-strategy", "curves")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -259,6 +260,18 @@ def test_fallback_to_validation_perplexity_is_on_the_axis(store: str, validation
     assert "fallback: no WikiText-2 results" in paths["md"].read_text()
 
 
+def test_the_wikitext_metric_most_runs_logged_is_plotted_and_named() -> None:
+    """Paper runs report only the paper's per-token perplexity; our runs log both it and lm-eval's
+    word perplexity: a selection mixing them plots the one every run has, and says which it is."""
+    mixed = pl.DataFrame({"run_name": ["ours", "paper-a", "paper-b"], WT2: [80.0, None, None],
+                          PAPER_WT2: [30.0, 33.5, 34.1]})
+    metric = tables.choose_metric(mixed, None)
+    assert metric.key == PAPER_WT2 and "Attamba paper" in metric.label and "per token" in metric.label
+    ours_only = mixed.filter(pl.col("run_name") == "ours")
+    assert tables.choose_metric(ours_only, None).key == WT2  # a tie keeps lm-eval's word perplexity
+    assert "lm-eval" in tables.choose_metric(ours_only, None).label
+
+
 def test_bad_metric_names_the_setting(store: str, synthetic: dict, tmp_path: Path,
                                       capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["pareto", "--experiment", "synthetic", "--tracking-uri", store, "--metric", "nope",
@@ -463,7 +476,7 @@ def paper_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _values(store: str, experiment: str) -> dict[str, tuple]:
     runs = load_runs(store, experiment)
-    return {row["run_name"]: (row["run_id"], row.get(WT2), row.get("train/loss"), row.get("model.family"))
+    return {row["run_name"]: (row["run_id"], row.get(PAPER_WT2), row.get("train/loss"), row.get("model.family"))
             for row in runs.iter_rows(named=True)}
 
 
@@ -472,7 +485,9 @@ def test_import_lingua_final_perplexity_and_idempotence(store: str, paper_runs: 
     assert cli.main(["import-lingua", *map(str, dirs), "--experiment", "lingua", "--tracking-uri", store]) == 0
     runs = load_runs(store, "lingua")
     row = runs.filter(pl.col("run_name") == "isoAttentiveSSM4").row(0, named=True)
-    assert round(row[WT2], 4) == 33.5362 and row[f"{WT2}:step"] == 60000
+    assert round(row[PAPER_WT2], 4) == 33.5362 and row[f"{PAPER_WT2}:step"] == 60000
+    # the paper's word/byte perplexities are that same per-token number: not imported as ours
+    assert not {WT2, "eval/wikitext2/byte_perplexity", "eval/wikitext2/bits_per_byte"} & set(runs.columns)
     assert row["model.family"] == "attamba" and row["chunking.size"] == 4
     assert row["chunking.leading_tokens"] == 8 and row["chunking.strategy"] == "cyclic"
     assert row["tags.attamba.sweep"] == "attamba_isoStudy" and row["tags.attamba.source"] == "lingua"
@@ -482,11 +497,11 @@ def test_import_lingua_final_perplexity_and_idempotence(store: str, paper_runs: 
     assert row["model/kv_bytes_per_token"] == expected_kv
     # histories keep their steps and values, e.g. the training loss and the perplexity per eval
     records = [json.loads(line) for line in (dirs[0] / "metrics.jsonl").read_text().splitlines()]
-    history = metric_histories(store, [row["run_id"]], ["train/loss", WT2])
+    history = metric_histories(store, [row["run_id"]], ["train/loss", PAPER_WT2])
     loss = history.filter(pl.col("key") == "train/loss")
     assert loss.select("step", "value").rows() == [(r["global_step"], r["loss/out"]) for r in records]
     evals = [json.loads(line) for line in (dirs[0] / "metrics.eval.jsonl").read_text().splitlines()]
-    assert history.filter(pl.col("key") == WT2)["step"].to_list() == [r["global_step"] for r in evals]
+    assert history.filter(pl.col("key") == PAPER_WT2)["step"].to_list() == [r["global_step"] for r in evals]
     assert row["speed/tokens_per_s"] == records[-1]["speed/wps"]
     assert row["mem/peak_gib"] == records[-1]["memory/max_active_gib"]
 
@@ -516,10 +531,10 @@ def test_import_lingua_with_missing_and_empty_files_warns(store: str, paper_runs
     runs = load_runs(store, "lingua-partial")
     partial = runs.filter(pl.col("run_name") == "empty_train").row(0, named=True)
     assert partial["model.attn_dim"] == 128 and partial["model.family"] == "transformer"
-    assert partial[f"{WT2}:step"] == json.loads(evals[2])["global_step"]
+    assert partial[f"{PAPER_WT2}:step"] == json.loads(evals[2])["global_step"]
     assert partial.get("train/loss") is None
     bare = runs.filter(pl.col("run_name") == "no_config").row(0, named=True)
-    assert bare[WT2] == json.loads(evals[0])["wikitext"]["word_perplexity,none"]
+    assert bare[PAPER_WT2] == json.loads(evals[0])["wikitext"]["word_perplexity,none"]
 
 
 def test_lingua_roles_come_from_the_configs(paper_runs: Path) -> None:
@@ -556,6 +571,7 @@ def test_paper_runs_full_import_and_figures(store: str, paper_runs: Path, tmp_pa
     iso = _csv_rows(tmp_path / "paper-comparative_runs" / "iso-kv.csv")
     values = {row["run_name"]: float(row["mean"]) for row in iso}
     assert round(values["isoAttentiveSSM4"], 4) == 33.5362
+    assert {row["metric"] for row in iso} == {PAPER_WT2}  # the figure says which perplexity it plots
     for row in iso:  # every plotted number is the dump's last WikiText-2 result
         evals = (paper_runs / "comparative_runs" / row["run_name"] / "metrics.eval.jsonl").read_text()
         last = json.loads(evals.splitlines()[-1])

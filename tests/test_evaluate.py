@@ -19,6 +19,7 @@ from attamba.evaluate import (
     DocumentScores,
     evaluate_validation,
     evaluate_wikitext2,
+    paper_windows,
     rolling_windows,
     score_documents,
     wikitext2_documents,
@@ -305,12 +306,87 @@ def test_autocast_bfloat16_stays_close_to_fp32(model, tokenizer):
     assert bf16["loss"] == pytest.approx(fp32["loss"], rel=2e-2)
 
 
+# ---------------------------------------------------------------------------
+# The Attamba paper's WikiText-2 perplexity
+# ---------------------------------------------------------------------------
+
+
+class FixedDistributionLM(nn.Module):
+    """Predicts p = (1/8, 1/2, 1/4, 1/8) over ids 0..3 at every position, whatever it reads."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        logits = torch.log(torch.tensor([1 / 8, 1 / 2, 1 / 4, 1 / 8]))
+        return logits.expand(*tokens.shape, 4)
+
+
+class LetterTokenizer:
+    bos_id = 0
+
+    def encode(self, text: str) -> list[int]:
+        return [" abc".index(letter) for letter in text]
+
+
+def test_paper_perplexity_hand_computed():
+    """Two pages at context 4: the window is the last 3 tokens of [BOS] + page, 2 tokens scored each.
+
+    "abca" = [1, 2, 3, 1]: window [2, 3, 1] scores 3 then 1: log2 p = -3 - 1.
+    "cb" = [3, 2]: window [BOS, 3, 2] scores 3 then 2: log2 p = -3 - 2.
+    Paper perplexity = 2 ** (9 / 4); lm-eval's rolling windows score all 6 tokens over 2 words:
+    log2 p = -(1 + 2 + 3 + 1) - (3 + 2) = -12, word perplexity 2 ** (12 / 2) = 64.
+    """
+    model, tokenizer, pages = FixedDistributionLM(), LetterTokenizer(), ["abca", "cb"]
+    paper = score_documents(model, tokenizer, pages, context=4, windows_of=paper_windows)
+    assert paper.tokens == 4
+    assert paper.token_perplexity == pytest.approx(2 ** (9 / 4), rel=1e-6)
+    rolling = score_documents(model, tokenizer, pages, context=4)
+    assert rolling.word_perplexity == pytest.approx(64.0, rel=1e-6)
+
+
+def test_paper_windows_keep_the_last_tokens_and_drop_bos_once_truncated():
+    assert paper_windows([5, 6], bos_id=9, max_len=4) == [([9, 5], [5, 6])]
+    assert paper_windows([5, 6, 7, 8], bos_id=9, max_len=4) == [([6, 7], [7, 8])]
+    assert paper_windows([], bos_id=9, max_len=4) == []
+    with pytest.raises(ValueError, match="context"):
+        paper_windows([5, 6], bos_id=9, max_len=2)
+
+
+def seed_repository_paper_perplexity(model: nn.Module, tokenizer, pages: list[str], max_seqlen: int) -> float:
+    """The seed repository's computation, transcribed: Lingua's generator tokenizes each detokenized
+    page with BOS, keeps ``p[-max_prompt_len:]`` (max_prompt_len = max_seqlen - max_gen_len, the
+    latter set to 1), scores ``-cross_entropy(logits[:-1], p[1:])``; EvalHarnessLM returns
+    ``(ll.sum(), len(ll))`` per page, aggregated as ΣLL / Σlen."""
+    total_ll, total_len = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for page in pages:
+            prompt = [tokenizer.bos_id] + tokenizer.encode(wikitext_detokenize(page))
+            prompt = prompt[-(max_seqlen - 1):]
+            logits = model(torch.tensor([prompt]))[0].float()
+            ll = -torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(prompt[1:]), reduction="none")
+            total_ll += ll.double().sum().item()
+            total_len += len(ll)
+    return math.exp(-total_ll / total_len)
+
+
+def test_evaluate_wikitext2_paper_perplexity_matches_the_seed_repository(tmp_path, model, tokenizer, wikitext_pages):
+    pages = [wikitext_pages[index] for index in SHORT_PAGES]
+    path = tmp_path / "subset.raw"
+    path.write_text("\n".join(pages), encoding="utf-8")
+    metrics = evaluate_wikitext2(model, tokenizer, path, CONTEXT, batch_size=2)
+    expected = seed_repository_paper_perplexity(model, tokenizer, pages, CONTEXT)
+    assert metrics["paper_perplexity"] == pytest.approx(expected, rel=1e-6)
+    # one page fits in a window, the two longer ones are cut to their last CONTEXT - 2 tokens
+    assert metrics["paper_tokens"] < metrics["tokens"]
+    assert metrics["paper_perplexity"] != pytest.approx(metrics["word_perplexity"], rel=1e-3)
+
+
 def test_document_scores_metric_definitions():
     scores = DocumentScores(loglikelihood=-1000.0, tokens=400, words=250, bytes=1200, documents=2)
     assert scores.word_perplexity == pytest.approx(math.exp(4.0))
     assert scores.byte_perplexity == pytest.approx(math.exp(1000 / 1200))
     assert scores.bits_per_byte == pytest.approx(1000 / 1200 / math.log(2))
     assert scores.token_loss == pytest.approx(2.5)
+    assert scores.token_perplexity == pytest.approx(math.exp(2.5))
 
 
 @pytest.mark.parametrize(

@@ -121,7 +121,9 @@ def test_tokens_per_second_leave_out_evaluation_and_checkpoints(tmp_path, monkey
 def test_run_is_tracked_with_params_tags_metrics_and_artifacts(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    config = smoke_config(tmp_path, "train.steps=4", "train.eval_every=2")
+    pages = tmp_path / "wiki.raw"  # two WikiText-style pages
+    pages.write_text(" = First = \n \n Some text , with a comma . \n = Second = \n \n More text here . \n")
+    config = smoke_config(tmp_path, "train.steps=4", "train.eval_every=2", f"eval.wikitext2_path={pages}")
     final = train(config)
     (run,) = find_runs(config.tracking.uri, "smoke")
     client = MlflowClient(config.tracking.uri)
@@ -130,7 +132,8 @@ def test_run_is_tracked_with_params_tags_metrics_and_artifacts(tmp_path):
     assert data.tags["attamba.family"] == "attamba" and len(data.tags["attamba.config_hash"]) >= 8
     for key in ("model/params", "model/kv_bytes_per_token", "model/attn_flops_per_token", "train/loss",
                 "train/lr", "train/grad_norm", "speed/tokens_per_s", "speed/mfu", "mem/peak_gib",
-                "eval/val/loss", "eval/val/word_perplexity"):
+                "eval/val/loss", "eval/val/word_perplexity", "eval/wikitext2/word_perplexity",
+                "eval/wikitext2/byte_perplexity", "eval/wikitext2/bits_per_byte", "eval/wikitext2/paper_perplexity"):
         assert key in data.metrics, key
     assert [step for step, _ in metric_history(config.tracking.uri, run["run_id"], "eval/val/loss")] == [2, 4]
     artifacts = {a.path for a in client.list_artifacts(run["run_id"])}

@@ -22,7 +22,7 @@ from attamba import evaluate as scoring  # looked up at each call, so that tests
 
 EVALUATIONS = ("val", "wikitext2", "passkey", "mqar")
 TEXT_EVALUATIONS = ("val", "wikitext2", "passkey")  # they read text: not for data=mqar's integers
-WIKITEXT2_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
+WIKITEXT2_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte", "paper_perplexity")
 
 
 def eval_context(config: Config) -> int:
