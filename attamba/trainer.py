@@ -167,6 +167,7 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
     from attamba.evaluate import evaluate_validation, evaluate_wikitext2
     import yaml
 
+    from attamba.record import MetricRecord, is_tracked, log_from_checkpoint
     from attamba.tracking import RunTracker, run_tags
 
     dist_info = distributed.detect()
@@ -194,6 +195,7 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
                             rank=dist_info.rank, world_size=dist_info.world_size, seed=config.train.seed)
 
     step, run_id = 0, None
+    record = MetricRecord()  # what the checkpoints keep of the tracking (attamba.record)
     resume_from = checkpoint.latest(output)
     if resume_from is not None:
         state = checkpoint.load(resume_from, map_location=device)
@@ -203,10 +205,16 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
         batches.load_state_dict(state["data"][dist_info.rank])
         checkpoint.set_rng_state(state["rng"])
         step, run_id = state["step"], state["mlflow_run_id"]
-        if step >= config.train.steps:  # finished earlier: nothing to train, nothing to re-log
+        record = MetricRecord(state.get("metrics", ()))
+        if step >= config.train.steps:  # finished earlier: nothing to train
             if dist_info.is_main:
-                print(f"already trained: {output} holds the final checkpoint (step {step} of {config.train.steps}) "
-                      f"of MLflow run {run_id}; nothing to do", flush=True)
+                done = f"already trained: {output} holds the final checkpoint (step {step} of {config.train.steps})"
+                if is_tracked(config, run_id):
+                    print(f"{done} of MLflow run {run_id}; nothing to do", flush=True)
+                else:  # trained into another store or experiment: logged into this one, not trained again
+                    logged = log_from_checkpoint(config, resume_from, parent_run_id, state)
+                    print(f"{done}; {config.tracking.uri} (experiment {config.tracking.experiment!r}) did not hold "
+                          f"the run, so it was logged there from the checkpoint as MLflow run {logged}", flush=True)
             distributed.shutdown()
             return state["final"]
 
@@ -218,6 +226,11 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
                 else contextlib.nullcontext())
 
     tracker = None
+
+    def log_metrics(metrics: dict[str, float], step: int) -> None:  # rank 0: to the store and the record
+        record.add(metrics, step)
+        tracker.log_metrics(metrics, step=step)
+
     if dist_info.is_main:
         tags = run_tags(flat)
         if "CUDA_VISIBLE_DEVICES" in os.environ:  # which GPU a local sweep gave this run
@@ -229,7 +242,7 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
         run_id = tracker.run_id
         tracker.log_params(flat)
         seq_len = config.train.seq_len
-        tracker.log_metrics({
+        log_metrics({
             "model/params": float(sum(p.numel() for p in model.parameters())),
             "model/kv_bytes_per_token": accounting.kv_bytes_per_token(config.model, config.chunking, seq_len),
             "model/attn_flops_per_token": accounting.attention_flops_per_token(config.model, config.chunking, seq_len),
@@ -259,7 +272,7 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
                                         device=device, autocast_dtype=amp_dtype)
                 metrics.update({f"eval/wikitext2/{key}": wt[key]
                                 for key in ("word_perplexity", "byte_perplexity", "bits_per_byte")})
-            tracker.log_metrics(metrics, step=at_step)
+            log_metrics(metrics, step=at_step)
             progress.message(f"eval @ {at_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         distributed.barrier(dist_info)
         return metrics
@@ -270,7 +283,8 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
             checkpoint.save(output, at_step, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "data": data_states, "rng": checkpoint.rng_state(),
-                "step": at_step, "mlflow_run_id": run_id, "config": to_dict(config), "final": final},
+                "step": at_step, "mlflow_run_id": run_id, "config": to_dict(config), "final": final,
+                "metrics": record.state(), "tags": tags},
                 tokenizer=tokenizer)
         distributed.barrier(dist_info)
 
@@ -315,7 +329,7 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
                     metrics["speed/mfu"] = achieved / (device_peak * dist_info.world_size)
                 final.update(metrics)
                 if tracker:
-                    tracker.log_metrics(metrics, step=step)
+                    log_metrics(metrics, step=step)
                 progress.update(step, metrics["train/loss"], tokens_per_s, elapsed / interval_steps)
                 interval_start, interval_steps = time.perf_counter(), 0
             paused = time.perf_counter()  # evaluation and checkpoints are not training throughput

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 from attamba import accounting, checkpoint
 from attamba.config import Config, flat_params
@@ -43,10 +43,27 @@ class SweepPoint:
 
         return run_name(self.config)
 
-    def finished(self) -> bool:
-        """A final checkpoint exists: the point was trained to the end by an earlier sweep."""
-        step = checkpoint.latest_step(Path(self.config.train.output_dir))
-        return step is not None and step >= self.config.train.steps
+    def checkpoint_step(self) -> int | None:
+        """The step of the point's newest checkpoint (an earlier command trained it that far), or None."""
+        return checkpoint.latest_step(Path(self.config.train.output_dir))
+
+
+# What the sweep does with a point, as the plan's status column says it.
+FINISHED = "finished"  # the store holds a FINISHED run of its configuration: skipped
+LOG_FROM_CHECKPOINT = "log from checkpoint"  # trained to the end, absent from the store: logged, not retrained
+TO_RUN = "to run"
+
+
+def status(point: SweepPoint, tracked: Collection[str]) -> str:
+    """``FINISHED``, ``LOG_FROM_CHECKPOINT``, ``resume from step N`` or ``TO_RUN``; ``tracked`` holds the
+    config hashes of the FINISHED runs in the sweep's store (see :mod:`attamba.record` for why a run
+    finished on disk is logged rather than trained again)."""
+    if point.config_hash in tracked:
+        return FINISHED
+    step = point.checkpoint_step()
+    if step is None:
+        return TO_RUN
+    return LOG_FROM_CHECKPOINT if step >= point.config.train.steps else f"resume from step {step}"
 
 
 def require_int(setting: str, value: Any, minimum: int) -> None:
@@ -117,8 +134,8 @@ def estimate(config: Config) -> dict[str, float]:
     }
 
 
-def plan_table(points: Sequence[SweepPoint]) -> str:
-    """The run matrix as a Markdown table, with totals."""
+def plan_table(points: Sequence[SweepPoint], tracked: Collection[str]) -> str:
+    """The run matrix as a Markdown table, with totals; ``tracked`` as for :func:`status`."""
     header = ("| # | run | family | P | lead | attn_dim | params | tokens | train FLOPs | KV B/token "
               "| GPU-h | status |")
     lines = [header, "|" + "---|" * 12]
@@ -135,7 +152,7 @@ def plan_table(points: Sequence[SweepPoint]) -> str:
             f"| {config.model.width if config.model.family != 'mamba2' else '-'} "
             f"| {numbers['params'] / 1e6:.2f}M | {numbers['tokens'] / 1e6:.1f}M | {numbers['flops']:.3g} "
             f"| {numbers['kv_bytes_per_token']:.0f} | {numbers['gpu_hours']:.3f} "
-            f"| {'finished' if point.finished() else 'to run'} |")
+            f"| {status(point, tracked)} |")
     lines.append(f"\n{len(points)} runs, {totals['tokens'] / 1e9:.3f}B tokens, {totals['flops']:.3g} FLOPs, "
                  f"≈{totals['gpu_hours']:.2f} H200 GPU-hours at {PLAN_MFU:.0%} MFU")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,16 +14,17 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
-from attamba.tracking import find_runs
+from attamba.tracking import RunTracker, find_runs, metric_history
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def sweep(tmp_path: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def sweep(tmp_path: Path, *overrides: str, store: str = "mlflow.db", timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "attamba.train", "-m", "experiment=smoke",
-         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"hydra.sweep.dir={tmp_path}/sweep",
+         f"tracking.uri=sqlite:///{tmp_path}/{store}", f"hydra.sweep.dir={tmp_path}/sweep",
          f"train.checkpoint_root={tmp_path}/checkpoints", *overrides],
         cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
@@ -82,6 +84,62 @@ def test_local_sweep_tracks_one_parent_and_reruns_skip_finished(tmp_path):
     assert len(find_runs(uri, "smoke")) == 3  # nothing trained twice, the parent reused
 
     assert_make_ui_serves_the_sweep(tmp_path, uri)
+
+
+def plan_statuses(output: str) -> list[str]:
+    """The status column of the plan a sweep printed."""
+    return [line.rstrip(" |").rsplit("|", 1)[-1].strip() for line in output.splitlines()
+            if line.startswith("| ") and not line.startswith("| # ")]
+
+
+def test_a_sweep_into_a_fresh_store_logs_the_runs_its_checkpoints_finished_and_reuses_its_parent(tmp_path):
+    """Checkpoints are keyed by configuration, not by store. A store that lacks runs finished on disk gets
+    them logged from their final checkpoints (nothing retrained), as the plan says; a run finished in the
+    store whose checkpoints were deleted stays skipped; an interrupted sweep run again keeps its parent."""
+    command = ["model=attamba,transformer", "train.steps=5", "hydra.launcher.max_parallel=2"]
+    first = sweep(tmp_path, *command)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert plan_statuses(first.stdout) == ["to run", "to run"]
+    trained_uri, fresh_uri = f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/fresh.db"
+    jobs = sorted((tmp_path / "sweep/.submitit").rglob("*_log.out"))
+    checkpoints = {path: path.stat().st_mtime_ns for path in (tmp_path / "checkpoints").rglob("state.pt")}
+
+    fresh = sweep(tmp_path, *command, store="fresh.db")
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert plan_statuses(fresh.stdout) == ["log from checkpoint", "log from checkpoint"]
+    assert "logged from their final checkpoints, not trained again" in fresh.stderr
+    assert sorted((tmp_path / "sweep/.submitit").rglob("*_log.out")) == jobs  # no job ran
+    assert {path: path.stat().st_mtime_ns for path in checkpoints} == checkpoints
+    trained = {run["tags"].get("attamba.config_hash"): run for run in find_runs(trained_uri, "smoke")}
+    logged = find_runs(fresh_uri, "smoke")
+    (parent,) = [run for run in logged if run["tags"].get("attamba.sweep_parent") == "true"]
+    children = [run for run in logged if run is not parent]
+    assert parent["status"] == "FINISHED" and len(children) == 2
+    for child in children:
+        original = trained[child["tags"]["attamba.config_hash"]]
+        assert child["status"] == "FINISHED" and child["tags"]["mlflow.parentRunId"] == parent["run_id"]
+        assert child["run_name"] == original["run_name"]
+        assert child["params"] == {**original["params"], "tracking.uri": fresh_uri,
+                                   "tracking.sweep": parent["run_name"]}
+        for key in ("train/loss", "eval/val/loss", "model/params"):
+            want = metric_history(trained_uri, original["run_id"], key)
+            assert metric_history(fresh_uri, child["run_id"], key) == want
+        artifacts = MlflowClient(tracking_uri=fresh_uri).list_artifacts(child["run_id"])
+        assert {item.path for item in artifacts} == {"config.yaml", "final_metrics.json", "tokenizer"}
+
+    # The first sweep, as an interrupted one leaves it; then its checkpoints deleted.
+    (first_parent,) = [run for run in trained.values() if run["tags"].get("attamba.sweep_parent") == "true"]
+    RunTracker(trained_uri, "smoke", run_id=first_parent["run_id"]).finish("KILLED", reason="interrupted")
+    shutil.rmtree(tmp_path / "checkpoints")
+    again = sweep(tmp_path, *command)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert plan_statuses(again.stdout) == ["finished", "finished"]
+    assert "2 skipped" in again.stderr and not (tmp_path / "checkpoints").exists()  # the store says done
+    runs = find_runs(trained_uri, "smoke")
+    assert len(runs) == 3  # one parent, two children: the sweep reads as one
+    (parent,) = [run for run in runs if run["tags"].get("attamba.sweep_parent") == "true"]
+    assert parent["run_id"] == first_parent["run_id"] and parent["status"] == "FINISHED"
+    assert "attamba.failure_reason" not in parent["tags"] and parent["tags"]["attamba.sweep_attempts"] == "2"
 
 
 def test_interrupted_local_sweep_cancels_its_jobs_and_ends_every_run_killed(tmp_path):
