@@ -104,3 +104,19 @@ def test_another_experiment_of_the_same_store_is_another_store(trained):
     (logged,) = find_runs(other.tracking.uri, "elsewhere")
     assert logged["status"] == "FINISHED" and "train/loss" in logged["metrics"]
     assert len(find_runs(config.tracking.uri, "smoke")) == 1
+
+
+def test_a_sweep_logs_no_second_run_beside_an_unfinished_one_of_the_same_checkpoint(trained):
+    """A run left RUNNING in the store (killed before its tracking ended) is its job's to settle."""
+    from launchers.job import log_from_checkpoints
+    from launchers.sweep import SweepPoint
+
+    _, config, _ = trained
+    (run,) = find_runs(config.tracking.uri, "smoke")
+    client = MlflowClient(tracking_uri=config.tracking.uri)
+    client.update_run(run["run_id"], status="RUNNING")
+    try:
+        assert log_from_checkpoints([SweepPoint(0, (), config)], None) == (frozenset(), {})
+        assert len(find_runs(config.tracking.uri, "smoke")) == 1
+    finally:
+        client.set_terminated(run["run_id"], "FINISHED")
