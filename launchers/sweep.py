@@ -82,10 +82,12 @@ def sweep_key(overrides: Sequence[str]) -> str:
 
 
 def prepare_points(job_overrides: Sequence[Sequence[str]], compose: Callable[[list[str]], Config]) -> list[SweepPoint]:
-    """Compose and validate every point; raise one :class:`SweepError` listing every bad point."""
+    """Compose and validate every point (its model must build and run a forward pass: see
+    :func:`check_forward`); raise one :class:`SweepError` listing every bad point."""
     seen: dict[tuple[str, ...], int] = {}
     errors: list[str] = []
     points: list[SweepPoint] = []
+    checked: dict[str, str | None] = {}  # by model shape: why its forward pass fails, None if it ran
     for index, overrides in enumerate(job_overrides):
         key = tuple(sorted(overrides))
         if key in seen:
@@ -94,6 +96,11 @@ def prepare_points(job_overrides: Sequence[Sequence[str]], compose: Callable[[li
         seen[key] = index
         try:
             config = compose(list(overrides))
+            shape = model_shape(config)
+            if shape not in checked:
+                checked[shape] = forward_problem(config)
+            if checked[shape]:
+                raise ValueError(checked[shape])
         except Exception as error:  # noqa: BLE001 - every composition failure is reported, with its point
             errors.append(f"point {index} ({' '.join(overrides) or 'no overrides'}): {_first_line(error)}")
             continue
@@ -101,6 +108,57 @@ def prepare_points(job_overrides: Sequence[Sequence[str]], compose: Callable[[li
     if errors:
         raise SweepError("invalid sweep, nothing was submitted:\n  " + "\n  ".join(errors))
     return points
+
+
+# The forward check's tokens: enough for two chunks of any usual size; shapes do not depend on length.
+CHECK_TOKENS = 64
+CHECK_VOCAB = 256  # the embedding's size never decides whether a model runs; a small one is quick to zero
+
+
+def model_shape(config: Config) -> str:
+    """What decides whether the model of ``config`` runs :func:`forward_problem`'s forward pass: its
+    settings (not what a baseline was matched to), the chunking where it chunks, and the check's length."""
+    model = dataclasses.replace(config.model, match=None)
+    chunking = dataclasses.asdict(config.chunking) if model.family == "attamba" else None
+    return json.dumps([dataclasses.asdict(model), chunking, _check_length(config)])
+
+
+def _check_length(config: Config) -> int:
+    return min(config.train.seq_len, max(CHECK_TOKENS, 2 * config.chunking.size))
+
+
+def forward_problem(config: Config) -> str | None:
+    """Why the model of ``config`` cannot build and run a forward pass, naming its settings; None if it can.
+
+    Run on the CPU of the submitting machine, through the kernels' CPU paths (``auto``): what it
+    checks is that the configured shapes fit together, which no job should find out after submission.
+    """
+    import torch
+
+    from attamba.models import build_model
+
+    model = dataclasses.replace(config.model, vocab_size=min(config.model.vocab_size, CHECK_VOCAB),
+                                attn_impl="auto", ssm=dataclasses.replace(config.model.ssm, impl="auto"))
+    length = _check_length(config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ops this small only wait on each other's threads, for seconds on a busy machine
+    try:
+        with torch.device("meta"):  # no initialisation: the weights' values do not matter here
+            module = build_model(model, config.chunking)
+        module = module.to_empty(device="cpu")
+        with torch.no_grad():
+            for parameter in module.parameters():
+                parameter.zero_()
+            module(torch.zeros(1, length, dtype=torch.long))
+    except Exception as error:  # noqa: BLE001 - whatever fails, the point is named with its model's settings
+        settings = (f"model.family={model.family} model.dim={model.dim} model.n_heads={model.n_heads} "
+                    f"model.attn_dim={model.attn_dim} model.n_kv_heads={model.n_kv_heads} "
+                    f"model.window={model.window} chunking.size={config.chunking.size} "
+                    f"chunking.leading_tokens={config.chunking.leading_tokens}")
+        return f"model: does not run a forward pass with {settings}: {_first_line(error)}"
+    finally:
+        torch.set_num_threads(threads)
+    return None
 
 
 def _first_line(error: Exception) -> str:

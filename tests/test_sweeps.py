@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -12,11 +14,17 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+import attamba
+from attamba import CONF_DIR
 from attamba.tracking import RunTracker, find_runs, metric_history
+from attamba.config import from_dictconfig
+from attamba.train import resolve
+from launchers.sweep import SweepError, forward_problem, model_shape, prepare_points
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,6 +71,69 @@ def test_runs_that_would_share_a_name_are_named_by_what_sets_them_apart():
     assert [point.name for point in named] == ["attamba-cyclic-P4-lead4 train.lr=0.001",
                                                "attamba-cyclic-P4-lead4 train.lr=0.003", points[2].name]
     assert [point.config_hash for point in named] == [point.config_hash for point in points]
+
+
+VARIANTS = sorted(path.stem for path in (CONF_DIR / "variant").glob("*.yaml"))
+PRESETS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
+PRESET_GRID = ("chunking.size",)  # what each preset sweeps that its matched widths depend on
+
+
+@pytest.fixture(scope="module")
+def variant_points() -> list:
+    """Every variant composed onto every preset's model shape, at each chunk size the preset sweeps, resolved
+    as a sweep resolves it: ``(overrides, config)`` of one point per model shape (see ``model_shape``)."""
+    from hydra import compose, initialize_config_dir
+
+    points: dict[str, tuple[list[str], Any]] = {}
+    presets = set()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for preset in PRESETS:
+            swept = compose(config_name="config", overrides=[f"experiment={preset}"], return_hydra_config=True)
+            grid = {key: str(values).split(",") for key, values in (swept.hydra.sweeper.params or {}).items()
+                    if key in PRESET_GRID}
+            base = from_dictconfig(swept)
+            shell = json.dumps([dataclasses.asdict(base.model), base.train.seq_len])
+            if shell in presets:  # a study on another preset's model (chunk_strategy, leading_tokens: paper_iso_kv's)
+                continue
+            presets.add(shell)
+            for values in itertools.product(*grid.values()):
+                for variant in VARIANTS:
+                    # The vocabulary cancels out of every match: both sides have the same embedding and head.
+                    overrides = [f"experiment={preset}", f"variant={variant}", "data.vocab_size=256",
+                                 *(f"{key}={value}" for key, value in zip(grid, values))]
+                    config = resolve(compose(config_name="config", overrides=overrides))
+                    points.setdefault(model_shape(config), (overrides, config))
+    return list(points.values())
+
+
+def test_every_variant_runs_on_every_presets_model_shape(variant_points):
+    """One forward step on CPU of each (the check a sweep makes before submitting): matched widths
+    have heads RoPE can rotate, and every model builds and runs."""
+    assert {config.model.family for _, config in variant_points} == {"attamba", "transformer"}
+    assert {config.model.match for _, config in variant_points} == {None, "kv_cache", "flops", "params"}
+    for overrides, config in variant_points:
+        if config.model.match is not None:
+            assert config.model.head_dim % 2 == 0, overrides
+        assert forward_problem(config) is None, overrides
+
+
+def test_a_point_whose_model_cannot_run_fails_the_sweep_naming_the_point_and_setting():
+    """Before any job: a head width RoPE cannot rotate names its setting; anything else the model chokes
+    on in a forward pass names the point and the model's settings."""
+    def compose(overrides: list[str]):
+        config = attamba.load_config(["experiment=smoke", *overrides])
+        if "chunking.size=3" in overrides:
+            config.chunking.size = 0  # past the config's checks: a layout the model cannot build
+        return config
+
+    with pytest.raises(SweepError) as failure:
+        prepare_points([["model=attamba"], ["model=transformer", "model.attn_dim=20"], ["chunking.size=3"]],
+                       compose)
+    lines = str(failure.value).splitlines()[1:]
+    assert lines[0] == ("  point 1 (model=transformer model.attn_dim=20): model.attn_dim: heads of 5 features "
+                        "(20 / 4 heads): RoPE needs an even head width")
+    assert lines[1].startswith("  point 2 (chunking.size=3): model: does not run a forward pass with ")
+    assert "chunking.size=0" in lines[1] and len(lines) == 2
 
 
 def test_local_sweep_tracks_one_parent_and_reruns_skip_finished(tmp_path):
