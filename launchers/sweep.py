@@ -83,7 +83,7 @@ def sweep_key(overrides: Sequence[str]) -> str:
 
 def prepare_points(job_overrides: Sequence[Sequence[str]], compose: Callable[[list[str]], Config]) -> list[SweepPoint]:
     """Compose and validate every point (its model must build and run a forward pass: see
-    :func:`check_forward`); raise one :class:`SweepError` listing every bad point."""
+    :func:`forward_problem`); raise one :class:`SweepError` listing every bad point."""
     seen: dict[tuple[str, ...], int] = {}
     errors: list[str] = []
     points: list[SweepPoint] = []
