@@ -29,8 +29,8 @@ end on token 0) -- and a ring of the last ``leading_tokens`` keys. At dim 512,
 (uniform; cyclic is identical except at P = 8, where layer 7 shifts by 7 onto
 token 0 and holds 136). The exact budget therefore allows a slightly wider
 baseline than ``dim/P`` (132.5, 68.5 and 36.5 for uniform, 68.4 for cyclic
-P = 8), and the largest multiple of ``n_heads`` that fits is still 128, 64 and
-32 -- the paper's widths. With those widths the baseline's cache is
+P = 8), and the widest that fits with 8 heads of an even width (RoPE rotates
+pairs) is still 128, 64 and 32 -- the paper's widths. With those widths the baseline's cache is
 ``1024*w / (entries*512)`` of Attamba's: 0.9660 (P=4), 0.9343 (P=8 uniform),
 0.9352 (P=8 cyclic) and 0.8767 (P=16), i.e. the paper's baselines were given
 3-12 % *less* KV cache than Attamba, never more.
@@ -45,6 +45,9 @@ from typing import Callable
 import torch
 
 from attamba.config import MATCH_TARGETS, ChunkingConfig, ModelConfig, SSMConfig
+
+# Matched baselines' head widths are multiples of this: RoPE rotates (even, odd) feature pairs.
+HEAD_DIM_STEP = 2
 
 # The fused K and V SSMs of an Attamba layer, the single mixer SSM of a Mamba-2 layer.
 _SSM_STREAMS = {"attamba": 2, "transformer": 0, "mamba2": 1}
@@ -288,27 +291,29 @@ def _largest_fitting(fits: Callable[[int], bool]) -> int:
 
 def match_attn_dim(model: ModelConfig, chunking: ChunkingConfig, context: int, target: str,
                    window: int | None = None) -> Match:
-    """The widest transformer baseline (``attn_dim`` a multiple of ``n_heads``) costing no more than Attamba.
+    """The widest transformer baseline the model can run costing no more than Attamba: ``attn_dim`` is
+    ``n_heads`` heads of an even width (``HEAD_DIM_STEP``: RoPE rotates pairs of features).
 
     ``target`` is the cost matched at ``context``: ``kv_cache`` bytes, forward
     ``flops`` per token, or ``params``. Every cost grows with ``attn_dim``, so the
-    answer is the largest multiple whose cost does not exceed Attamba's.
+    answer is the widest such ``attn_dim`` whose cost does not exceed Attamba's.
     """
     cost = _cost(target)
     if model.family != "attamba":
         raise ValueError(f"model.family: iso-cost matching starts from an attamba config, got {model.family!r}")
     budget = cost(model, chunking, context)
+    step = HEAD_DIM_STEP * model.n_heads
 
-    def baseline_cost(heads_width: int) -> float:
-        return cost(transformer_baseline(model, heads_width * model.n_heads, window), chunking, context)
+    def baseline_cost(steps: int) -> float:
+        return cost(transformer_baseline(model, steps * step, window), chunking, context)
 
     if baseline_cost(1) > budget:
         raise ValueError(
             f"model.match: no transformer baseline fits Attamba's {target} budget of {budget:g} at "
-            f"context {context}: even attn_dim={model.n_heads} (one unit per head) costs "
-            f"{baseline_cost(1):g}; the budget is below one unit per head"
+            f"context {context}: even attn_dim={step} ({model.n_heads} heads of {HEAD_DIM_STEP}, the narrowest "
+            f"RoPE can rotate) costs {baseline_cost(1):g}"
         )
-    attn_dim = _largest_fitting(lambda k: baseline_cost(k) <= budget) * model.n_heads
+    attn_dim = _largest_fitting(lambda k: baseline_cost(k) <= budget) * step
     value = cost(transformer_baseline(model, attn_dim, window), chunking, context)
     return Match(attn_dim=attn_dim, target=target, attamba_value=float(budget), baseline_value=float(value),
                  ratio=value / budget)

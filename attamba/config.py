@@ -111,6 +111,10 @@ class ModelConfig:
             _require_positive(self.attn_dim, "model.attn_dim")
             _require(self.attn_dim % self.n_heads == 0, "model.attn_dim",
                      f"must be divisible by model.n_heads={self.n_heads}, got {self.attn_dim}")
+        if self.family != "mamba2":  # RoPE rotates (even, odd) pairs of each head's features
+            _require(self.head_dim % 2 == 0, "model.attn_dim" if self.attn_dim is not None else "model.n_heads",
+                     f"heads of {self.head_dim} features ({self.width} / {self.n_heads} heads): "
+                     "RoPE needs an even head width")
         if self.n_kv_heads is not None:
             _require_positive(self.n_kv_heads, "model.n_kv_heads")
             _require(self.n_heads % self.n_kv_heads == 0, "model.n_kv_heads",

@@ -74,6 +74,7 @@ TAG_SWEEP_KEY = "attamba.sweep_key"
 TAG_SWEEP_PARENT = "attamba.sweep_parent"  # "true" on a sweep's parent run, absent on its children
 TAG_FAILURE_REASON = "attamba.failure_reason"
 TAG_EVALUATIONS = "attamba.evaluations"  # what attamba-eval added to a run, comma-separated
+TAG_SWEEP_ATTEMPTS = "attamba.sweep_attempts"  # on a sweep's parent: how many commands ran the sweep
 
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 SCHEMES = ("sqlite", "file", "http", "https")
@@ -696,14 +697,34 @@ def find_runs(uri: str, experiment: str, filter_string: str = "") -> list[dict[s
             return runs
 
 
-def run_status(uri: str, run_id: str) -> str | None:
-    """The status of run ``run_id`` in the store at ``uri`` (RUNNING, FINISHED, ...), None if it has no such run."""
+def finished_config_hashes(uri: str, experiment: str) -> set[str]:
+    """The config hashes of the FINISHED runs of ``experiment``: the configurations it holds results of.
+
+    A local store not created yet holds none, and is left uncreated (a sweep's plan creates nothing).
+    """
+    store = _local_store_path(uri)
+    if store is None:
+        _check_server(uri)  # seconds, not the client's minutes of retries, for a server that is down
+    elif not _store_created(uri, store.absolute()):
+        return set()
+    runs = find_runs(uri, experiment, "attributes.status = 'FINISHED'")
+    return {run["tags"][TAG_CONFIG_HASH] for run in runs if TAG_CONFIG_HASH in run["tags"]}
+
+
+def run_status(uri: str, run_id: str, experiment: str | None = None) -> str | None:
+    """The status of run ``run_id`` (RUNNING, FINISHED, ...) if the store at ``uri`` holds it (in
+    ``experiment``, when given), else None."""
+    client = reading_client(uri)
     try:
-        return _retry_locked(reading_client(uri).get_run, run_id).info.status
+        run = _retry_locked(client.get_run, run_id)
     except MlflowException as error:
         if error.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         return None
+    if experiment is None:
+        return run.info.status
+    found = _retry_locked(client.get_experiment_by_name, experiment)
+    return run.info.status if found is not None and run.info.experiment_id == found.experiment_id else None
 
 
 def _run_dict(run: Any) -> dict[str, Any]:
@@ -740,8 +761,13 @@ def artifact_texts(uri: str, run_ids: Sequence[str], path: str) -> dict[str, str
 
 
 def start_parent_run(uri: str, experiment: str, sweep_name: str, tags: dict[str, Any]) -> str:
-    """The run id of sweep ``sweep_name``'s parent run, started if no RUNNING or FINISHED parent
-    with that name (and the same ``attamba.sweep_key`` tag, if given) exists; reused otherwise."""
+    """The run id of sweep ``sweep_name``'s parent run: started if no parent with that name (and the
+    same ``attamba.sweep_key`` tag, if given) exists, else reused (the newest), whatever its status.
+
+    Rerunning an interrupted (KILLED) or failed sweep resumes its runs, so it goes on under the same
+    parent and reads as one sweep: the parent is RUNNING again, its ``attamba.failure_reason`` from
+    the attempt before is cleared and ``attamba.sweep_attempts`` counts the commands that ran it.
+    """
     identity = {TAG_SWEEP: sweep_name, TAG_SWEEP_PARENT: "true"}
     if tags.get(TAG_SWEEP_KEY) is not None:
         identity[TAG_SWEEP_KEY] = str(tags[TAG_SWEEP_KEY])
@@ -749,10 +775,12 @@ def start_parent_run(uri: str, experiment: str, sweep_name: str, tags: dict[str,
         if "'" in value:  # it would end the literal of the MLflow filter below
             raise ValueError(f"{key}: must not contain a single quote, got {value!r}")
     filter_string = " and ".join(f"tags.`{key}` = '{value}'" for key, value in identity.items())
-    reusable = [run for run in find_runs(uri, experiment, filter_string)
-                if run["status"] in ("RUNNING", "FINISHED")]
-    tracker = RunTracker(uri, experiment, run_name=sweep_name,
-                         run_id=reusable[0]["run_id"] if reusable else None, tags={**tags, **identity})
+    earlier = find_runs(uri, experiment, filter_string)[:1]
+    attempts = int(earlier[0]["tags"].get(TAG_SWEEP_ATTEMPTS, 1)) + 1 if earlier else 1
+    tracker = RunTracker(uri, experiment, run_name=sweep_name, run_id=earlier[0]["run_id"] if earlier else None,
+                         tags={**tags, **identity, TAG_SWEEP_ATTEMPTS: attempts})
+    if earlier and TAG_FAILURE_REASON in earlier[0]["tags"]:
+        _retry_locked(MlflowClient(tracking_uri=uri).delete_tag, tracker.run_id, TAG_FAILURE_REASON)
     return tracker.run_id
 
 

@@ -147,9 +147,11 @@ def _app(composed: DictConfig) -> float | None:
 
 
 def print_plan(config: Config) -> None:
+    from attamba.tracking import finished_config_hashes
     from launchers.sweep import SweepPoint, plan_table
 
-    print(plan_table([SweepPoint(0, (), config)]))
+    tracked = finished_config_hashes(config.tracking.uri, config.tracking.experiment)
+    print(plan_table([SweepPoint(0, (), config)], tracked))
     print("plan only (+plan=true): nothing trained")
 
 

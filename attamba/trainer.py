@@ -96,38 +96,49 @@ def train(config: Config, stop_requested: StopCheck | None = None, parent_run_id
                          "progress there: run the command again once it has ended") from None
 
 
-def open_run(config: Config, flat: dict, run_id: str | None, parent_run_id: str | None, model: torch.nn.Module,
-             tokenizer, world_size: int, replay_through_step: int):
-    """The run's tracker, created or resumed, with its params, model metrics and artifacts logged
+def open_run(config: Config, flat: dict, run_id: str | None, parent_run_id: str | None, tokenizer,
+             world_size: int, replay_through_step: int):
+    """The run's tracker, created or resumed, with its params and artifacts logged
     (on a resumed run only those it lacks are added), and the metric values an earlier attempt kept
     on disk (``replay_through_step``) sent."""
     import yaml
 
-    from attamba.tracking import SPILL_FILE, RunTracker, run_tags
+    from attamba.tracking import SPILL_FILE, RunTracker
+
+    output = Path(config.train.output_dir)
+    tracker = RunTracker(config.tracking.uri, config.tracking.experiment, run_name=run_name(config),
+                         run_id=run_id, parent_run_id=parent_run_id, tags=training_tags(flat, world_size),
+                         spill_path=output / SPILL_FILE, replay_through_step=replay_through_step,
+                         unavailable_timeout_s=config.tracking.unavailable_timeout_s)
+    checkpoint.record_run_id(output, tracker.run_id)
+    tracker.log_params(flat)
+    config_file = output / "config.yaml"
+    config_file.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    tracker.log_artifact(config_file)
+    tracker.log_artifact(tokenizer.save(output / "tokenizer"), artifact_path="tokenizer")
+    return tracker
+
+
+def training_tags(flat: dict, world_size: int) -> dict[str, str]:
+    """A training run's tags: :func:`attamba.tracking.run_tags`, the GPU a local sweep gave it, its ranks."""
+    from attamba.tracking import run_tags
 
     tags = run_tags(flat)
     if "CUDA_VISIBLE_DEVICES" in os.environ:  # which GPU a local sweep gave this run
         tags["attamba.cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
     if world_size > 1:
         tags["attamba.world_size"] = str(world_size)
-    output = Path(config.train.output_dir)
-    tracker = RunTracker(config.tracking.uri, config.tracking.experiment, run_name=run_name(config),
-                         run_id=run_id, parent_run_id=parent_run_id, tags=tags,
-                         spill_path=output / SPILL_FILE, replay_through_step=replay_through_step,
-                         unavailable_timeout_s=config.tracking.unavailable_timeout_s)
-    checkpoint.record_run_id(output, tracker.run_id)
-    tracker.log_params(flat)
+    return tags
+
+
+def model_metrics(config: Config, model: torch.nn.Module) -> dict[str, float]:
+    """The run-level metrics of its model, logged at step 0."""
     seq_len = config.train.seq_len
-    tracker.log_metrics({
+    return {
         "model/params": float(sum(p.numel() for p in model.parameters())),
         "model/kv_bytes_per_token": accounting.kv_bytes_per_token(config.model, config.chunking, seq_len),
         "model/attn_flops_per_token": accounting.attention_flops_per_token(config.model, config.chunking, seq_len),
-    }, step=0)
-    config_file = output / "config.yaml"
-    config_file.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    tracker.log_artifact(config_file)
-    tracker.log_artifact(tokenizer.save(output / "tokenizer"), artifact_path="tokenizer")
-    return tracker
+    }
 
 
 def finish_run(tracker, final: dict[str, float]) -> None:
@@ -142,6 +153,7 @@ def _train(config: Config, stop_requested: StopCheck | None, parent_run_id: str 
     from attamba.data.prefetch import Prefetcher
     from attamba.evals import suite
     from attamba.evals.passkey import check_lengths
+    from attamba.record import MetricRecord, is_tracked, log_from_checkpoint
     from attamba.tracking import TrackingUnavailable, run_status
 
     started = clock()
@@ -169,6 +181,7 @@ def _train(config: Config, stop_requested: StopCheck | None, parent_run_id: str 
                             rank=dist_info.rank, world_size=dist_info.world_size, seed=config.train.seed)
 
     step, run_id = 0, None
+    record = MetricRecord()  # what the checkpoints keep of the tracking (attamba.record)
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if dist_info.is_main else (lambda text: None)
     resumed = checkpoint.load_latest(output, map_location=device, say=say)
     if resumed is None:  # stopped before its first checkpoint: the same MLflow run starts over
@@ -183,26 +196,38 @@ def _train(config: Config, stop_requested: StopCheck | None, parent_run_id: str 
         batches.load_state_dict(state["data"][dist_info.rank])
         checkpoint.set_rng_state(state["rng"])
         step, run_id = state["step"], state["mlflow_run_id"]
+        record = MetricRecord(state.get("metrics", ()))
         if step >= config.train.steps:  # finished earlier: nothing to train
-            status = run_status(config.tracking.uri, run_id) if dist_info.is_main else "FINISHED"
-            if status not in ("FINISHED", None):  # the process ended before its store did: bring it in line
-                tracker = open_run(config, flat, run_id, parent_run_id, model, tokenizer, dist_info.world_size, step)
-                tracker.log_metrics(state["final"], step=step)  # those the store lacks
-                finish_run(tracker, state["final"])
-                say(f"finished MLflow run {run_id}, left {status} by a process that ended after its final "
-                    "checkpoint, with the results that checkpoint holds")
-            elif dist_info.is_main:
-                print(f"already trained: {output} holds the final checkpoint (step {step} of {config.train.steps}) "
-                      f"of MLflow run {run_id}; nothing to do", flush=True)
+            if dist_info.is_main:
+                status = run_status(config.tracking.uri, run_id, config.tracking.experiment)
+                done = f"already trained: {output} holds the final checkpoint (step {step} of {config.train.steps})"
+                if status not in ("FINISHED", None):  # the process ended before its store did: bring it in line
+                    tracker = open_run(config, flat, run_id, parent_run_id, tokenizer, dist_info.world_size, step)
+                    tracker.log_metrics(state["final"], step=step)  # those the store lacks
+                    finish_run(tracker, state["final"])
+                    say(f"finished MLflow run {run_id}, left {status} by a process that ended after its final "
+                        "checkpoint, with the results that checkpoint holds")
+                elif is_tracked(config, run_id):
+                    print(f"{done} of MLflow run {run_id}; nothing to do", flush=True)
+                else:  # trained into another store or experiment: logged into this one, not trained again
+                    logged = log_from_checkpoint(config, resumed[0], parent_run_id, state)
+                    print(f"{done}; {config.tracking.uri} (experiment {config.tracking.experiment!r}) did not hold "
+                          f"the run, so it was logged there from the checkpoint as MLflow run {logged}", flush=True)
             distributed.shutdown()
             return state["final"]
     feed = Prefetcher(batches, pin=device.type == "cuda")
     train_step = TrainStep(training, config, device, dist_info)
 
     tracker = None
+
+    def log_metrics(metrics: dict[str, float], step: int) -> None:  # rank 0: to the store and the record
+        record.add(metrics, step)
+        tracker.log_metrics(metrics, step=step)
+
     if dist_info.is_main:
-        tracker = open_run(config, flat, run_id, parent_run_id, model, tokenizer, dist_info.world_size, step)
+        tracker = open_run(config, flat, run_id, parent_run_id, tokenizer, dist_info.world_size, step)
         run_id = tracker.run_id
+        log_metrics(model_metrics(config, model), step=0)
 
     progress = Progress(config.train.steps, dist_info.is_main)
     tokens_per_step = config.train.batch_size * config.train.seq_len
@@ -224,7 +249,7 @@ def _train(config: Config, stop_requested: StopCheck | None, parent_run_id: str 
                 metrics.update(suite.validation(model, tokenizer, config, device, amp_dtype, documents=val_docs))
             if wikitext and config.eval.wikitext2_path:
                 metrics.update(suite.wikitext2(model, tokenizer, config, device, amp_dtype))
-            tracker.log_metrics(metrics, step=at_step)
+            log_metrics(metrics, step=at_step)
             progress.message(f"eval @ {at_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         distributed.barrier(dist_info)
         return metrics
@@ -233,7 +258,7 @@ def _train(config: Config, stop_requested: StopCheck | None, parent_run_id: str 
         metrics: dict[str, float] = {}
         if dist_info.is_main:
             metrics, tables = suite.passkey(model, tokenizer, config, device, amp_dtype, output)
-            tracker.log_metrics(metrics, step=at_step)
+            log_metrics(metrics, step=at_step)
             for path in tables:
                 tracker.log_artifact(path)
             progress.message(f"passkey @ {at_step}: accuracy {metrics['eval/passkey/accuracy']:.4f} "
@@ -251,7 +276,8 @@ def _train(config: Config, stop_requested: StopCheck | None, parent_run_id: str 
                     "model": model.state_dict(), "optimizer": training.optimizer.state_dict(),
                     "scheduler": training.scheduler.state_dict(), "data": data_states,
                     "rng": checkpoint.rng_state(), "step": at_step, "mlflow_run_id": run_id,
-                    "config": to_dict(config), "final": final},
+                    "config": to_dict(config), "final": final, "metrics": record.state(),
+                    "tags": training_tags(flat, dist_info.world_size)},
                     tokenizer=tokenizer)
             except checkpoint.NoSpaceLeft as full:
                 raise checkpoint.NoSpaceLeft(full.path, at_step, setting=output_setting(config)) from None
@@ -270,7 +296,7 @@ def _train(config: Config, stop_requested: StopCheck | None, parent_run_id: str 
                 metrics["speed/mfu"] = flops_per_step * steps / elapsed / (device_peak * dist_info.world_size)
         final.update(metrics)
         if tracker:
-            tracker.log_metrics(metrics, step=step)
+            log_metrics(metrics, step=step)
         progress.update(step, metrics["train/loss"], metrics.get("speed/tokens_per_s", 0.0), elapsed / max(steps, 1))
 
     try:
@@ -296,7 +322,7 @@ def _train(config: Config, stop_requested: StopCheck | None, parent_run_id: str 
             if step == first_step:  # compilation and warm-up: timed on their own, not as throughput
                 hardware.synchronize(device)
                 if tracker:
-                    tracker.log_metrics({"speed/first_step_s": clock() - started}, step=step)
+                    log_metrics({"speed/first_step_s": clock() - started}, step=step)
                 interval.restart()
             if step % config.train.log_every == 0 or step == config.train.steps:
                 log_interval(out, *interval.read())

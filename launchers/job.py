@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
 
 import submitit
 from submitit.helpers import Checkpointable
@@ -106,3 +109,32 @@ def close_run(point: SweepPoint, parent_run_id: str | None, status: str, reason:
         mine = run["params"].get("train.output_dir") == str(point.config.train.output_dir)
         if mine and run["status"] in ("RUNNING", "KILLED"):
             RunTracker(tracking.uri, tracking.experiment, run_id=run["run_id"]).finish(status, reason=reason)
+
+
+def log_from_checkpoints(points: Sequence[SweepPoint],
+                         parent_run_id: str) -> tuple[frozenset[str], dict[str, Exception]]:
+    """Log each of ``points`` (trained to the end by an earlier command, no FINISHED run in the sweep's
+    store) from its final checkpoint as a child of ``parent_run_id``; return the config hashes logged
+    and, by config hash, the error of each point that could not be (reported; the sweep goes on).
+
+    A point whose checkpoint's own run is in the store, unfinished, is neither: its job runs, and
+    the trainer settles that run from the checkpoint rather than a second run being logged here.
+    """
+    from attamba import checkpoint
+    from attamba.record import is_tracked, log_from_checkpoint
+
+    logged, errors = set(), {}
+    for point in points:
+        try:
+            path = checkpoint.latest(Path(point.config.train.output_dir))
+            state = checkpoint.load(path)
+            if not is_tracked(point.config, state["mlflow_run_id"]):
+                log_from_checkpoint(point.config, path, parent_run_id, state)
+                logged.add(point.config_hash)
+        except Exception as error:  # noqa: BLE001 - reported with its point, like a failed job
+            print(f"[sweep] {point.name}: not logged from its final checkpoint: {error}", file=sys.stderr)
+            errors[point.config_hash] = error
+    if logged:
+        print(f"[sweep] {len(logged)} run(s) trained to the end by an earlier command but absent from this "
+              "store: logged from their final checkpoints, not trained again", file=sys.stderr, flush=True)
+    return frozenset(logged), errors

@@ -31,6 +31,9 @@ from launchers.job import TrainJob, close_run
 from launchers.local import Outcome
 from launchers.sweep import SweepPoint, failure_reason, require_int
 
+# Unset CPU and memory requests are sized from the partition's largest node (see ``sized``), up to these.
+MAX_CPUS_PER_TASK = 8  # data loading and host work; more only waits on the GPU
+MAX_MEM_GB_PER_TASK = 32.0
 POLL_SECONDS = 1.0  # how often result files are looked for
 STATUS_SECONDS = 5.0  # how often sacct is asked for job states
 QUERY_TIMEOUT_S = 30
@@ -47,8 +50,8 @@ class SlurmSettings:
 
     partition: str | None = None  # None: the cluster's default partition
     gpus_per_node: int = 0
-    cpus_per_task: int = 4
-    mem_gb_per_task: float = 16.0
+    cpus_per_task: int | None = None  # None: sized from the partition (``sized``)
+    mem_gb_per_task: float | None = None  # None: sized from the partition
     array_parallelism: int = 64
     signal_delay_s: int = 120
     max_num_timeout: int = 20
@@ -57,8 +60,10 @@ class SlurmSettings:
     def __post_init__(self) -> None:
         for name, minimum in (("gpus_per_node", 0), ("cpus_per_task", 1), ("array_parallelism", 1),
                               ("signal_delay_s", 1), ("max_num_timeout", 0)):
-            require_int(f"hydra.launcher.slurm.{name}", getattr(self, name), minimum)
-        if not isinstance(self.mem_gb_per_task, (int, float)) or self.mem_gb_per_task <= 0:
+            if name != "cpus_per_task" or self.cpus_per_task is not None:
+                require_int(f"hydra.launcher.slurm.{name}", getattr(self, name), minimum)
+        memory = self.mem_gb_per_task
+        if memory is not None and (not isinstance(memory, (int, float)) or isinstance(memory, bool) or memory <= 0):
             raise ValueError(f"hydra.launcher.slurm.mem_gb_per_task: must be a number > 0, "
                              f"got {self.mem_gb_per_task!r}")
         if self.partition is not None and not re.fullmatch(r"[\w.-]+", str(self.partition)):
@@ -170,6 +175,28 @@ def partitions() -> dict[str, Partition]:
 # --------------------------------------------------------------------------- preflight
 
 
+def sized(settings: SlurmSettings, partition: Partition) -> SlurmSettings:
+    """``settings`` with an unset ``cpus_per_task`` or ``mem_gb_per_task`` sized from the partition.
+
+    From its largest node with the GPUs asked for: its CPUs shared among the tasks (at most
+    ``MAX_CPUS_PER_TASK`` each), and memory in proportion to the CPUs taken (at most
+    ``MAX_MEM_GB_PER_TASK``, and within the partition's per-node limit). So a default sweep runs on
+    the two-CPU node of ``make slurm-up`` as on a GPU cluster; settings given are kept as they are.
+    """
+    if settings.cpus_per_task is not None and settings.mem_gb_per_task is not None:
+        return settings
+    if not partition.nodes:
+        raise ValueError(f"hydra.launcher.slurm.partition: partition {partition.name!r} has no nodes")
+    tasks = settings.tasks_per_node
+    nodes = [n for n in partition.nodes if n.gpus >= settings.gpus_per_node] or list(partition.nodes)
+    node = max(nodes, key=lambda n: (n.cpus, n.memory_mb))
+    cpus = settings.cpus_per_task or max(1, min(MAX_CPUS_PER_TASK, node.cpus // tasks))
+    node_memory_mb = min(node.memory_mb, partition.max_mem_per_node_mb or node.memory_mb)
+    share_mb = node_memory_mb * min(1.0, cpus * tasks / node.cpus) / tasks
+    memory = settings.mem_gb_per_task or max(1, int(min(share_mb, MAX_MEM_GB_PER_TASK * 1024))) / 1024
+    return dataclasses.replace(settings, cpus_per_task=cpus, mem_gb_per_task=memory)
+
+
 def _pick_partition(settings: SlurmSettings, available: dict[str, Partition]) -> Partition:
     names = ", ".join(sorted(available)) or "none"
     if settings.partition is None:
@@ -220,13 +247,15 @@ def _check_limits(settings: SlurmSettings, timeout_min: int, partition: Partitio
 
 
 def preflight(slurm: Mapping[str, Any] | SlurmSettings | None, timeout_min: int) -> tuple[SlurmSettings, str]:
-    """Validate the settings against the cluster; return them and the partition jobs go to.
+    """Validate the settings against the cluster; return them, unset requests sized (``sized``), and the
+    partition jobs go to.
 
     Raises ``ValueError`` naming the offending setting; submits nothing.
     """
     settings = slurm if isinstance(slurm, SlurmSettings) else SlurmSettings.from_mapping(slurm)
     require_int("hydra.launcher.timeout_min", timeout_min, 1)
     partition = _pick_partition(settings, partitions())
+    settings = sized(settings, partition)
     _check_limits(settings, timeout_min, partition)
     return settings, partition.name
 
@@ -326,7 +355,9 @@ def run_points(points: Sequence[SweepPoint], parent_run_id: str | None, folder: 
         executor = make_executor(folder, settings, partition, timeout_min)
         jobs = dict(zip(submit(executor, todo, parent_run_id, settings.cpus_per_task), todo))
         print(f"[sweep] submitted {len(todo)} run(s) to partition {partition!r} as SLURM job "
-              f"{next(iter(jobs)).job_id.split('_')[0]}; logs in {folder}", file=sys.stderr, flush=True)
+              f"{next(iter(jobs)).job_id.split('_')[0]} ({settings.tasks_per_node} task(s) of "
+              f"{settings.cpus_per_task} CPU(s) and {settings.mem_gb_per_task:.3g} GB); logs in {folder}",
+              file=sys.stderr, flush=True)
     progress.counts["queued"] = len(jobs)
     progress.show(force=True)
     last_status = float("-inf")

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 from attamba import accounting, checkpoint
 from attamba.config import Config, flat_params
@@ -44,10 +44,27 @@ class SweepPoint:
 
         return run_name(self.config)
 
-    def finished(self) -> bool:
-        """A final checkpoint exists: the point was trained to the end by an earlier sweep."""
-        step = checkpoint.latest_step(Path(self.config.train.output_dir))
-        return step is not None and step >= self.config.train.steps
+    def checkpoint_step(self) -> int | None:
+        """The step of the point's newest checkpoint (an earlier command trained it that far), or None."""
+        return checkpoint.latest_step(Path(self.config.train.output_dir))
+
+
+# What the sweep does with a point, as the plan's status column says it.
+FINISHED = "finished"  # the store holds a FINISHED run of its configuration: skipped
+LOG_FROM_CHECKPOINT = "log from checkpoint"  # trained to the end, absent from the store: logged, not retrained
+TO_RUN = "to run"
+
+
+def status(point: SweepPoint, tracked: Collection[str]) -> str:
+    """``FINISHED``, ``LOG_FROM_CHECKPOINT``, ``resume from step N`` or ``TO_RUN``; ``tracked`` holds the
+    config hashes of the FINISHED runs in the sweep's store (see :mod:`attamba.record` for why a run
+    finished on disk is logged rather than trained again)."""
+    if point.config_hash in tracked:
+        return FINISHED
+    step = point.checkpoint_step()
+    if step is None:
+        return TO_RUN
+    return LOG_FROM_CHECKPOINT if step >= point.config.train.steps else f"resume from step {step}"
 
 
 def require_int(setting: str, value: Any, minimum: int) -> None:
@@ -66,10 +83,12 @@ def sweep_key(overrides: Sequence[str]) -> str:
 
 
 def prepare_points(job_overrides: Sequence[Sequence[str]], compose: Callable[[list[str]], Config]) -> list[SweepPoint]:
-    """Compose and validate every point; raise one :class:`SweepError` listing every bad point."""
+    """Compose and validate every point (its model must build and run a forward pass: see
+    :func:`forward_problem`); raise one :class:`SweepError` listing every bad point."""
     seen: dict[tuple[str, ...], int] = {}
     errors: list[str] = []
     points: list[SweepPoint] = []
+    checked: dict[str, str | None] = {}  # by model shape: why its forward pass fails, None if it ran
     for index, overrides in enumerate(job_overrides):
         key = tuple(sorted(overrides))
         if key in seen:
@@ -78,6 +97,11 @@ def prepare_points(job_overrides: Sequence[Sequence[str]], compose: Callable[[li
         seen[key] = index
         try:
             config = compose(list(overrides))
+            shape = model_shape(config)
+            if shape not in checked:
+                checked[shape] = forward_problem(config)
+            if checked[shape]:
+                raise ValueError(checked[shape])
         except Exception as error:  # noqa: BLE001 - every composition failure is reported, with its point
             errors.append(f"point {index} ({' '.join(overrides) or 'no overrides'}): {_first_line(error)}")
             continue
@@ -96,6 +120,57 @@ def failure_reason(error: BaseException) -> str:
         text = parts[1]
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return re.sub(r"^(\w+\.)+(?=\w+: )", "", lines[-1]) if lines else type(error).__name__
+
+
+# The forward check's tokens: enough for two chunks of any usual size; shapes do not depend on length.
+CHECK_TOKENS = 64
+CHECK_VOCAB = 256  # the embedding's size never decides whether a model runs; a small one is quick to zero
+
+
+def model_shape(config: Config) -> str:
+    """What decides whether the model of ``config`` runs :func:`forward_problem`'s forward pass: its
+    settings (not what a baseline was matched to), the chunking where it chunks, and the check's length."""
+    model = dataclasses.replace(config.model, match=None)
+    chunking = dataclasses.asdict(config.chunking) if model.family == "attamba" else None
+    return json.dumps([dataclasses.asdict(model), chunking, _check_length(config)])
+
+
+def _check_length(config: Config) -> int:
+    return min(config.train.seq_len, max(CHECK_TOKENS, 2 * config.chunking.size))
+
+
+def forward_problem(config: Config) -> str | None:
+    """Why the model of ``config`` cannot build and run a forward pass, naming its settings; None if it can.
+
+    Run on the CPU of the submitting machine, through the kernels' CPU paths (``auto``): what it
+    checks is that the configured shapes fit together, which no job should find out after submission.
+    """
+    import torch
+
+    from attamba.models import build_model
+
+    model = dataclasses.replace(config.model, vocab_size=min(config.model.vocab_size, CHECK_VOCAB),
+                                attn_impl="auto", ssm=dataclasses.replace(config.model.ssm, impl="auto"))
+    length = _check_length(config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ops this small only wait on each other's threads, for seconds on a busy machine
+    try:
+        with torch.device("meta"):  # no initialisation: the weights' values do not matter here
+            module = build_model(model, config.chunking)
+        module = module.to_empty(device="cpu")
+        with torch.no_grad():
+            for parameter in module.parameters():
+                parameter.zero_()
+            module(torch.zeros(1, length, dtype=torch.long))
+    except Exception as error:  # noqa: BLE001 - whatever fails, the point is named with its model's settings
+        settings = (f"model.family={model.family} model.dim={model.dim} model.n_heads={model.n_heads} "
+                    f"model.attn_dim={model.attn_dim} model.n_kv_heads={model.n_kv_heads} "
+                    f"model.window={model.window} chunking.size={config.chunking.size} "
+                    f"chunking.leading_tokens={config.chunking.leading_tokens}")
+        return f"model: does not run a forward pass with {settings}: {_first_line(error)}"
+    finally:
+        torch.set_num_threads(threads)
+    return None
 
 
 def _first_line(error: Exception) -> str:
@@ -129,8 +204,8 @@ def estimate(config: Config) -> dict[str, float]:
     }
 
 
-def plan_table(points: Sequence[SweepPoint]) -> str:
-    """The run matrix as a Markdown table, with totals."""
+def plan_table(points: Sequence[SweepPoint], tracked: Collection[str]) -> str:
+    """The run matrix as a Markdown table, with totals; ``tracked`` as for :func:`status`."""
     header = ("| # | run | family | P | lead | attn_dim | params | tokens | train FLOPs | KV B/token "
               "| GPU-h | status |")
     lines = [header, "|" + "---|" * 12]
@@ -147,7 +222,7 @@ def plan_table(points: Sequence[SweepPoint]) -> str:
             f"| {config.model.width if config.model.family != 'mamba2' else '-'} "
             f"| {numbers['params'] / 1e6:.2f}M | {numbers['tokens'] / 1e6:.1f}M | {numbers['flops']:.3g} "
             f"| {numbers['kv_bytes_per_token']:.0f} | {numbers['gpu_hours']:.3f} "
-            f"| {'finished' if point.finished() else 'to run'} |")
+            f"| {status(point, tracked)} |")
     lines.append(f"\n{len(points)} runs, {totals['tokens'] / 1e9:.3f}B tokens, {totals['flops']:.3g} FLOPs, "
                  f"≈{totals['gpu_hours']:.2f} H200 GPU-hours at {PLAN_MFU:.0%} MFU")
     return "\n".join(lines)

@@ -335,8 +335,8 @@ def test_matched_width_is_the_widest_that_fits(target, model, chunking, context)
     match = match_attn_dim(model, chunking, context, target)
     budget = cost(model, chunking, context)
     fits = cost(transformer_baseline(model, match.attn_dim), chunking, context)
-    wider = cost(transformer_baseline(model, match.attn_dim + model.n_heads), chunking, context)
-    assert match.attn_dim % model.n_heads == 0
+    wider = cost(transformer_baseline(model, match.attn_dim + 2 * model.n_heads), chunking, context)
+    assert match.attn_dim % (2 * model.n_heads) == 0  # heads of an even width: RoPE rotates pairs
     assert fits <= budget < wider
     assert (match.attamba_value, match.baseline_value) == (pytest.approx(budget), pytest.approx(fits))
 
@@ -359,8 +359,19 @@ def test_non_attamba_input_raises():
         match_attn_dim(tiny("transformer"), chunks(), 16, "kv_cache")
 
 
-def test_budget_below_one_unit_per_head_raises():
+def test_budget_below_the_narrowest_runnable_baseline_raises():
     # P=64 over 64 tokens, no leading tokens: boundaries 0 and 63, 2 keys of width 16 per layer
-    # (32 values); the narrowest baseline, attn_dim 2, caches 64 keys of width 2 (128 values).
-    with pytest.raises(ValueError, match=r"model\.match.*below one unit per head"):
+    # (32 values); the narrowest baseline, attn_dim 4 (2 heads of 2), caches 64 keys of width 4 (256 values).
+    with pytest.raises(ValueError, match=r"model\.match.*attn_dim=4 \(2 heads of 2, the narrowest RoPE can rotate\)"):
         match_attn_dim(tiny(), chunks(size=64, lead=0), 64, "kv_cache")
+
+
+@pytest.mark.parametrize(("target", "attn_dim"), [("kv_cache", 16), ("flops", 136), ("params", 144)])
+def test_smoke_model_matches_to_widths_it_can_run(target, attn_dim):
+    """The smoke model (dim 64, 4 heads) matched at P=4, 4 leading tokens, 64 tokens: the widest fitting
+    multiples of n_heads were 20 for KV cache (heads of 5, which RoPE cannot rotate) and 148 for params (37)."""
+    model = ModelConfig(vocab_size=2048, dim=64, n_layers=2, n_heads=4,
+                        ssm=SSMConfig(state_dim=16, hidden=64, heads=4))
+    match = match_attn_dim(model, ChunkingConfig(strategy="cyclic", size=4, leading_tokens=4), 64, target)
+    assert match.attn_dim == attn_dim
+    assert match.ratio == pytest.approx(match.baseline_value / match.attamba_value) and match.ratio <= 1

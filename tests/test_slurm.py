@@ -23,7 +23,8 @@ import attamba
 from attamba.config import Config
 from attamba.tracking import find_runs, metric_history
 from attamba.trainer import train
-from launchers.slurm import parse_gpus, parse_time_min, partitions, preflight, run_points
+from launchers.slurm import (Node, Partition, SlurmSettings, parse_gpus, parse_time_min, partitions, preflight,
+                             run_points, sized)
 from launchers.sweep import SweepPoint
 
 pytestmark = pytest.mark.slurm
@@ -166,6 +167,47 @@ def test_slurm_time_formats(text, minutes):
                                         ("gpu:a100:2,gpu:v100:2", 4), ("shard:8", 0), ("gpu:h200:4(S:0),shard:8", 4)])
 def test_gpus_are_counted_from_a_nodes_gres(gres, gpus):
     assert parse_gpus(gres) == gpus
+
+
+def partition_of(*nodes: Node, max_mem_mb: int | None = None) -> Partition:
+    return Partition("p", "UP", True, None, max_mem_mb, nodes)
+
+
+@pytest.mark.parametrize("settings, partition, cpus, mem_gb", [
+    # make slurm-up's node: both CPUs, all the memory
+    ({}, partition_of(Node("a", 2, 9216, 0)), 2, 9.0),
+    # one task per GPU on an 8-GPU node: 12 CPUs each, capped at 8; memory in proportion, capped at 32 GB
+    ({"gpus_per_node": 8}, partition_of(Node("g", 96, 1024 * 1024, 8)), 8, 32.0),
+    # from the largest node that has the GPUs asked for, not from the partition's largest
+    ({"gpus_per_node": 2}, partition_of(Node("cpu", 64, 262144, 0), Node("gpu", 8, 32768, 2)), 4, 16.0),
+    # a setting given is kept; the other is sized around it
+    ({"cpus_per_task": 1}, partition_of(Node("a", 4, 8192, 0)), 1, 2.0),
+    ({"mem_gb_per_task": 3}, partition_of(Node("a", 4, 8192, 0)), 4, 3.0),
+    # the partition's memory limit per node bounds the share
+    ({}, partition_of(Node("a", 4, 65536, 0), max_mem_mb=4096), 4, 4.0),
+])
+def test_unset_cpu_and_memory_requests_are_sized_from_the_partition(settings, partition, cpus, mem_gb):
+    got = sized(SlurmSettings.from_mapping(settings), partition)
+    assert (got.cpus_per_task, got.mem_gb_per_task) == (cpus, pytest.approx(mem_gb))
+
+
+def test_a_sweep_with_the_presets_defaults_runs_on_this_cluster(tmp_path):
+    """The README's command on `make slurm-up`'s node: no CPU or memory setting, and it fits."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    command = [str(REPO / ".venv/bin/attamba-train"), "-m", "experiment=smoke", "hydra/launcher=submitit_slurm",
+               "train.steps=3", f"tracking.uri={uri}", f"data.root={DATA_ROOT}", f"hydra.sweep.dir={tmp_path}/sweep",
+               f"train.checkpoint_root={tmp_path}/checkpoints"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = [run for run in find_runs(uri, "smoke") if "mlflow.parentRunId" in run["tags"]]
+    assert run["status"] == "FINISHED"
+    (job_id,) = {log.name.split("_")[0] for log in (tmp_path / "sweep/.submitit").glob("*_0_log.out")}
+    settled(job_id)
+    (default,) = [p for p in partitions().values() if p.default]
+    want = sized(SlurmSettings(), default)
+    ((cpus, memory),) = sacct(job_id, "AllocCPUS", "ReqMem")
+    assert int(cpus) == want.cpus_per_task == min(8, max(node.cpus for node in default.nodes))
+    assert memory == f"{want.mem_mb_per_node}M"
 
 
 def test_preflight_reads_this_clusters_default_partition_and_limits():

@@ -332,10 +332,13 @@ def test_parent_run_is_reused_per_sweep_and_key(sqlite_uri: str, experiment: str
     assert MlflowClient(tracking_uri=sqlite_uri).get_run(child.run_id).data.tags[TAG_PARENT_RUN] == parent
     assert start_parent_run(sqlite_uri, experiment, "iso-kv", tags={TAG_SWEEP_KEY: "k1"}) == parent
 
-    RunTracker(sqlite_uri, experiment, run_id=parent).finish("FAILED")
-    retried = start_parent_run(sqlite_uri, experiment, "iso-kv", tags={TAG_SWEEP_KEY: "k1"})
-    assert retried not in (parent, other_key)
-    assert len(_runs(sqlite_uri, experiment)) == 4  # three parents and one child
+    # An interrupted sweep, run again, goes on under the same parent: one sweep, not two.
+    RunTracker(sqlite_uri, experiment, run_id=parent).finish("KILLED", reason="the sweep was interrupted")
+    assert start_parent_run(sqlite_uri, experiment, "iso-kv", tags={TAG_SWEEP_KEY: "k1"}) == parent
+    reopened = MlflowClient(tracking_uri=sqlite_uri).get_run(parent)
+    assert reopened.info.status == "RUNNING" and TAG_FAILURE_REASON not in reopened.data.tags
+    assert reopened.data.tags["attamba.sweep_attempts"] == "4"
+    assert len(_runs(sqlite_uri, experiment)) == 3  # two parents and one child
 
 
 def test_find_runs_returns_plain_records(sqlite_uri: str, experiment: str):

@@ -51,10 +51,12 @@ class AttambaLauncher(Launcher):
             raise SystemExit(EXIT_REFUSED) from None
 
     def _launch(self, job_overrides: Sequence[Sequence[str]]) -> Sequence[JobReturn]:
-        from attamba.tracking import RunTracker, ensure_store, find_runs, git_commit, start_parent_run
+        from attamba.tracking import RunTracker, ensure_store, finished_config_hashes, git_commit, start_parent_run
         from attamba.train import EXIT_FAILED, EXIT_SIGINT
-        from launchers.sweep import (SweepPoint, named_apart, plan_table, prepare_points, sweep_key, unique,
-                                     with_tracking)
+        from launchers.job import log_from_checkpoints
+        from launchers.local import Outcome
+        from launchers.sweep import (FINISHED, LOG_FROM_CHECKPOINT, SweepPoint, named_apart, plan_table,
+                                     prepare_points, status, sweep_key, unique, with_tracking)
 
         points = prepare_points(job_overrides, self._compose)
         distinct, merged = unique(points)
@@ -66,7 +68,10 @@ class AttambaLauncher(Launcher):
             print(f"[sweep] point{'s' if len(duplicates) > 1 else ''} {', '.join(duplicates)} "
                   f"{'are' if len(duplicates) > 1 else 'is'} the same run as point {kept.index} "
                   f"({' '.join(kept.overrides)}): it runs once")
-        print(plan_table(distinct))
+        tracking = distinct[0].config.tracking
+        tracked = finished_config_hashes(tracking.uri, tracking.experiment)
+        statuses = {point.index: status(point, tracked) for point in distinct}
+        print(plan_table(distinct, tracked))
         if self.config.get("plan"):
             print("[sweep] plan only (+plan=true): nothing submitted")
             return [JobReturn(overrides=list(p.overrides), status=JobStatus.COMPLETED, _return_value=None)
@@ -76,7 +81,6 @@ class AttambaLauncher(Launcher):
         experiment = self.config.hydra.runtime.choices.get("experiment") or "sweep"
         key = sweep_key(command)
         sweep_name = f"{experiment}-{key}"
-        tracking = distinct[0].config.tracking
         # settings (and a cluster) that cannot run the sweep fail it before any run is opened
         if self.cluster == "slurm":
             from launchers.slurm import preflight
@@ -89,13 +93,14 @@ class AttambaLauncher(Launcher):
             "attamba.sweep_key": key, "attamba.sweep_overrides": " ".join(command),
             "attamba.planned_runs": len(distinct), "mlflow.source.git.commit": git_commit() or "unknown"})
         distinct = [dataclasses.replace(p, config=with_tracking(p.config, sweep=sweep_name)) for p in distinct]
-        # finished = trained to the end by an earlier run: a final checkpoint, or a FINISHED run in MLflow
-        tracked = find_runs(tracking.uri, tracking.experiment, "attributes.status = 'FINISHED'")
-        done = {run["tags"].get("attamba.config_hash") for run in tracked}
-        skip = frozenset(p.config_hash for p in distinct if p.config_hash in done or p.finished())
+        unlogged = [p for p in distinct if statuses[p.index] == LOG_FROM_CHECKPOINT]
+        logged, errors = log_from_checkpoints(unlogged, parent)
+        not_logged = {p.config_hash: Outcome(p, "failed", errors[p.config_hash]) for p in unlogged
+                      if p.config_hash in errors}
+        skip = frozenset(p.config_hash for p in distinct if statuses[p.index] == FINISHED) | logged
         folder = Path(self.config.hydra.sweep.dir) / ".submitit"
         try:
-            outcomes = self._run(distinct, parent, folder, skip)
+            outcomes = self._run([p for p in distinct if p.config_hash not in not_logged], parent, folder, skip)
         except KeyboardInterrupt:
             reason = ("interrupted: its jobs were cancelled; the same command resumes them" if self.cluster == "local"
                       else "interrupted: the launcher stopped waiting; its SLURM jobs go on (scancel stops them)")
@@ -104,6 +109,7 @@ class AttambaLauncher(Launcher):
             print(f"[sweep] {sweep_name} {reason}", file=sys.stderr)
             raise SystemExit(EXIT_SIGINT) from None
 
+        outcomes = sorted([*outcomes, *not_logged.values()], key=lambda outcome: outcome.point.index)
         failed = [o for o in outcomes if o.status in ("failed", "cancelled")]
         with RunTracker(tracking.uri, tracking.experiment, run_id=parent) as parent_run:
             parent_run.finish("FAILED" if failed else "FINISHED",
@@ -122,3 +128,4 @@ class AttambaLauncher(Launcher):
             return run_points(points, parent_run_id, folder, self.slurm, self.timeout_min, skip=skip)
         from launchers.local import run_points
         return run_points(points, parent_run_id, folder, self.max_parallel, self.timeout_min, skip=skip)
+
