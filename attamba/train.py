@@ -117,7 +117,7 @@ def fail(message: str, code: int) -> SystemExit:
 def _app(composed: DictConfig) -> float | None:
     from attamba.checkpoint import NoSpaceLeft
     from attamba.tracking import TrackingUnavailable
-    from attamba.trainer import TrainingDiverged, train
+    from attamba.trainer import RunFailed, TrainingDiverged, train
     from launchers.job import any_rank
 
     try:
@@ -126,13 +126,14 @@ def _app(composed: DictConfig) -> float | None:
             return print_plan(config)
         sigterm = stop_on_sigterm()
         final = train(config, stop_requested=lambda: any_rank(sigterm.is_set()))
+    except (TrainingDiverged, RunFailed) as error:  # the run is FAILED with this reason
+        raise fail(f"error: {error}; the MLflow run is FAILED", EXIT_FAILED) from None
     except ValueError as error:  # a bad setting: one clear line naming it, no traceback
         raise fail(f"error: {error}", EXIT_REFUSED) from None
     except TrackingUnavailable as error:  # the run stopped with a checkpoint; its line says what to do
         raise fail(f"error: {error}", EXIT_FAILED) from None
-    except (TrainingDiverged, NoSpaceLeft) as error:  # the run is FAILED with this reason
-        raise fail(f"error: {error.strerror if isinstance(error, OSError) else error}; the MLflow run is FAILED",
-                   EXIT_FAILED) from None
+    except NoSpaceLeft as error:  # the run is FAILED with this reason
+        raise fail(f"error: {error.strerror}; the MLflow run is FAILED", EXIT_FAILED) from None
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

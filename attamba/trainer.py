@@ -34,6 +34,11 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the run is marked FAILED with this reason."""
 
 
+class RunFailed(ValueError):
+    """A setting found wrong only once its run was training (a corrupt shard reached late, say):
+    unlike a refused configuration, the run exists and is marked FAILED with this reason."""
+
+
 def output_setting(config: Config) -> str:
     """The setting a user changes to move ``train.output_dir``: itself, or the root it defaults under."""
     output, root = Path(config.train.output_dir).absolute(), Path(config.train.checkpoint_root).absolute()
@@ -354,6 +359,8 @@ def _train(config: Config, stop_requested: StopCheck | None, parent_run_id: str 
             except Exception as store_error:  # noqa: BLE001 - the run's own error is the one to raise
                 say(f"could not end MLflow run {run_id} in {config.tracking.uri} ({type(store_error).__name__}: "
                     f"{store_error}); the same command brings it in line")
+        if tracker and isinstance(error, ValueError) and not isinstance(error, RunFailed):
+            raise RunFailed(str(error)) from error
         raise
     finally:
         feed.close()

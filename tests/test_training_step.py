@@ -169,3 +169,19 @@ def test_evaluation_inside_training_does_not_recompile_the_training_graph(tmp_pa
     config = smoke_config(tmp_path, "train.device=cuda", "train.steps=6", "train.eval_every=2")
     train(config)
     assert len(_debug_get_cache_entry_list(NextTokenLoss.forward.__code__)) == 1
+
+
+def test_a_setting_found_wrong_while_training_fails_the_run(tmp_path, monkeypatch):
+    """Refused settings (exit 2) change nothing; one found wrong mid-run has a run to mark FAILED (exit 1)."""
+    from attamba.evals import suite
+    from attamba.trainer import RunFailed
+
+    def unreadable(*args, **kwargs):
+        raise ValueError("data.paths: shard_7.jsonl.gz is not a readable gzip file")
+
+    monkeypatch.setattr(suite, "validation", unreadable)
+    config = smoke_config(tmp_path, "train.steps=4", "train.eval_every=2")
+    with pytest.raises(RunFailed, match="shard_7"):
+        train(config)
+    (run,) = find_runs(config.tracking.uri, "smoke")
+    assert run["status"] == "FAILED" and "shard_7" in run["tags"]["attamba.failure_reason"]
