@@ -90,9 +90,9 @@ def test_an_mqar_run_is_scored_on_recall(tmp_path):
     tracker = RunTracker(config.tracking.uri, "mqar", run_name="mqar-run")
     tracker.finish()
     model = attamba.build_model(config)
-    checkpoint.save(Path(config.train.output_dir), 3, {"model": model.state_dict(), "config": to_dict(config),
-                                                       "mlflow_run_id": tracker.run_id, "step": 3},
-                    tokenizer=build_tokenizer(config.data))
+    state = {"model": model.state_dict(), "config": to_dict(config), "mlflow_run_id": tracker.run_id, "step": 3,
+             "optimizer": {}, "scheduler": {}, "data": [], "rng": {}, "final": {}}  # what evaluation reads is real
+    checkpoint.save(Path(config.train.output_dir), 3, state, tokenizer=build_tokenizer(config.data))
     main([config.train.output_dir, "--evals", "mqar"])
     (run,) = find_runs(config.tracking.uri, "mqar")
     assert [step for step, _ in metric_history(config.tracking.uri, run["run_id"], "eval/mqar/accuracy")] == [3]
@@ -134,7 +134,7 @@ def test_a_run_without_a_checkpoint_is_refused(finished, store, tmp_path, capsys
     for run, message in [
         ("no-checkpoint", f"RUN: run {tracker.run_id} (no-checkpoint) has no checkpoint in its train.output_dir="),
         (str(tmp_path), f"RUN: {tmp_path} holds no checkpoint"),
-        ("nosuchrun", "RUN: no run with id or name 'nosuchrun'"),
+        ("nosuchrun", "RUN: no run with the id or name 'nosuchrun'"),
     ]:
         with pytest.raises(SystemExit):
             main([run, "--evals", "val", "--tracking-uri", store])
@@ -147,5 +147,5 @@ def test_the_command_line_errors_without_creating_a_store(tmp_path):
                              "--tracking-uri", f"sqlite:///{tmp_path}/absent.db"],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("attamba-eval: error: RUN: no run with id or name")
+    assert result.stderr.strip().splitlines()[-1].startswith("attamba-eval: error: RUN: no run with the id or name")
     assert not (tmp_path / "absent.db").exists()

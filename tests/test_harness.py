@@ -55,7 +55,9 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
                                   f"model.vocab_size={tokenizer.vocab_size}"])
     torch.manual_seed(3)
     model = attamba.build_model(config).eval()
-    checkpoint.save(output, 1, {"model": model.state_dict(), "config": to_dict(config), "step": 1}, tokenizer=tokenizer)
+    state = {"model": model.state_dict(), "config": to_dict(config), "step": 1, "mlflow_run_id": None,
+             "optimizer": {}, "scheduler": {}, "data": [], "rng": {}, "final": {}}  # what evaluation reads is real
+    checkpoint.save(output, 1, state, tokenizer=tokenizer)
     uri = f"sqlite:///{root}/mlflow.db"
     tracker = RunTracker(uri, "harness", run_name=RUN_NAME)
     tracker.log_params(flat_params(config))

@@ -71,32 +71,18 @@ def check_evaluations(evaluations: Sequence[str], tasks: Sequence[str]) -> None:
 def locate(run: str, tracking_uri: str | None) -> Located:
     """The checkpoint that ``run`` names, its state and configuration, and its run in the store."""
     from attamba import checkpoint
+    from attamba.evals.runs import checkpoint_dir
     from attamba.tracking import find_run
 
-    directory = Path(run)
-    if directory.is_dir():
-        path = directory if (directory / "state.pt").is_file() else checkpoint.latest(directory)
-        if path is None:
-            raise ValueError(f"RUN: {directory} holds no checkpoint (neither a run's train.output_dir with "
-                             "checkpoints/latest nor a checkpoints/step_N directory)")
-        state = checkpoint.load(path)
-        config = from_dict(state["config"])
-        uri = tracking_uri or config.tracking.uri
-        if find_run(uri, state["mlflow_run_id"]) is None:
-            raise ValueError(f"RUN: {path} belongs to MLflow run {state['mlflow_run_id']}, which {uri} does not "
-                             "hold; pass the store with --tracking-uri")
-        return Located(path, state, config, state["mlflow_run_id"], uri)
-    uri = tracking_uri or TrackingConfig.uri
-    found = find_run(uri, run)
-    if found is None:
-        raise ValueError(f"RUN: no run with id or name {run!r} in {uri} (and no such directory)")
-    output_dir = found["params"].get("train.output_dir")
-    path = checkpoint.latest(Path(output_dir)) if output_dir not in (None, "None") else None
-    if path is None:
-        raise ValueError(f"RUN: run {found['run_id']} ({found['run_name']}) has no checkpoint in its "
-                         f"train.output_dir={output_dir}")
+    path = checkpoint_dir(run, tracking_uri, setting="RUN")
     state = checkpoint.load(path)
-    return Located(path, state, from_dict(state["config"]), found["run_id"], uri)
+    config = from_dict(state["config"])
+    # A directory carries its run's store; a run id or name was looked up in the one given (or the default).
+    uri = tracking_uri or (config.tracking.uri if Path(run).expanduser().is_dir() else TrackingConfig.uri)
+    if find_run(uri, state["mlflow_run_id"]) is None:
+        raise ValueError(f"RUN: {path} belongs to MLflow run {state['mlflow_run_id']}, which {uri} does not "
+                         "hold; pass the store with --tracking-uri")
+    return Located(path, state, config, state["mlflow_run_id"], uri)
 
 
 def with_overrides(config: Config, overrides: Sequence[str]) -> Config:

@@ -19,31 +19,29 @@ from attamba.models import LanguageModel, build_model
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
-def checkpoint_dir(run: str, tracking_uri: str | None = None) -> Path:
-    """The checkpoint directory ``run`` names (see the module docstring); ``ValueError("run: ...")``
-    when there is none."""
+def checkpoint_dir(run: str, tracking_uri: str | None = None, setting: str = "run") -> Path:
+    """The checkpoint directory ``run`` names (see the module docstring); a ``ValueError`` naming
+    ``setting`` (how the caller's user gave ``run``) when there is none."""
     path = Path(run).expanduser()
     if path.is_dir():
         if (path / "state.pt").is_file():
             return path
         latest = checkpoint.latest(path)
         if latest is None:
-            raise ValueError(f"run: {path} holds no checkpoint (neither state.pt nor checkpoints/latest)")
+            raise ValueError(f"{setting}: {path} holds no checkpoint (neither a checkpoints/step_N directory "
+                             "nor a run's train.output_dir with checkpoints/latest)")
         return latest
     from attamba.tracking import find_run
 
     uri = tracking_uri or TrackingConfig.uri
     found = find_run(uri, run)
     if found is None:
-        raise ValueError(f"run: no run with the id or name {run!r} in {uri}")
+        raise ValueError(f"{setting}: no run with the id or name {run!r} in {uri} (and no such directory)")
     output = found["params"].get("train.output_dir")
-    if not output:
-        raise ValueError(f"run: run {found['run_id']} ({found['run_name']}) logged no train.output_dir, "
-                         "so its checkpoints cannot be found; pass the checkpoint directory")
-    latest = checkpoint.latest(Path(output))
+    latest = checkpoint.latest(Path(output)) if output not in (None, "None") else None
     if latest is None:
-        raise ValueError(f"run: run {found['run_id']} ({found['run_name']}) has no checkpoint in its "
-                         f"train.output_dir {output} (relative paths are read from {Path.cwd()})")
+        raise ValueError(f"{setting}: run {found['run_id']} ({found['run_name']}) has no checkpoint in its "
+                         f"train.output_dir={output} (relative paths are read from {Path.cwd()})")
     return latest
 
 
