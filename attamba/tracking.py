@@ -766,7 +766,8 @@ def start_parent_run(uri: str, experiment: str, sweep_name: str, tags: dict[str,
 
     Rerunning an interrupted (KILLED) or failed sweep resumes its runs, so it goes on under the same
     parent and reads as one sweep: the parent is RUNNING again, its ``attamba.failure_reason`` from
-    the attempt before is cleared and ``attamba.sweep_attempts`` counts the commands that ran it.
+    the attempt before is cleared (as :class:`RunTracker` clears it on every resumed run) and
+    ``attamba.sweep_attempts`` counts the commands that ran it.
     """
     identity = {TAG_SWEEP: sweep_name, TAG_SWEEP_PARENT: "true"}
     if tags.get(TAG_SWEEP_KEY) is not None:
@@ -779,8 +780,6 @@ def start_parent_run(uri: str, experiment: str, sweep_name: str, tags: dict[str,
     attempts = int(earlier[0]["tags"].get(TAG_SWEEP_ATTEMPTS, 1)) + 1 if earlier else 1
     tracker = RunTracker(uri, experiment, run_name=sweep_name, run_id=earlier[0]["run_id"] if earlier else None,
                          tags={**tags, **identity, TAG_SWEEP_ATTEMPTS: attempts})
-    if earlier and TAG_FAILURE_REASON in earlier[0]["tags"]:
-        _retry_locked(MlflowClient(tracking_uri=uri).delete_tag, tracker.run_id, TAG_FAILURE_REASON)
     return tracker.run_id
 
 
