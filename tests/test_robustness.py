@@ -346,3 +346,14 @@ def test_one_exit_status_convention_and_one_line_per_error(tmp_path, overrides, 
     assert done.returncode == code, done.stderr[-3000:]
     assert message in done.stderr.strip().splitlines()[-1]
     assert "Traceback" not in done.stderr
+
+
+def test_a_sweep_whose_run_fails_exits_1_with_the_reason_and_no_traceback(tmp_path):
+    """The exit status convention holds for sweeps too: a run that failed (here: diverged) is exit 1."""
+    result = run([sys.executable, "-m", "attamba.train", "-m", *FAST, "train.steps=3", "train.lr=1e12",
+                  "train.warmup=0", "optim.clip=0", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                  f"hydra.sweep.dir={tmp_path}/sweep", f"train.checkpoint_root={tmp_path}/checkpoints"])
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    assert "Traceback" not in output
+    assert "failed: TrainingDiverged: non-finite training loss at step" in output
