@@ -152,13 +152,39 @@ def finish_run(tracker, final: dict[str, float]) -> None:
     tracker.finish("FINISHED")
 
 
+def settle_finished_run(config: Config, flat: dict, path: Path, state: dict, parent_run_id: str | None, tokenizer,
+                        world_size: int, say: Callable[[str], None]) -> None:
+    """Bring the store in line with the final checkpoint ``path`` (``state``): finish its run if the
+    process ended before its store did, log it from the checkpoint if this store or experiment lacks
+    it, else say there is nothing to do."""
+    from attamba.record import is_tracked, log_from_checkpoint
+    from attamba.tracking import run_status
+
+    step, run_id = state["step"], state["mlflow_run_id"]
+    done = (f"already trained: {config.train.output_dir} holds the final checkpoint "
+            f"(step {step} of {config.train.steps})")
+    status = run_status(config.tracking.uri, run_id, config.tracking.experiment)
+    if status not in ("FINISHED", None):
+        tracker = open_run(config, flat, run_id, parent_run_id, tokenizer, world_size, step)
+        tracker.log_metrics(state["final"], step=step)  # those the store lacks
+        finish_run(tracker, state["final"])
+        say(f"finished MLflow run {run_id}, left {status} by a process that ended after its final "
+            "checkpoint, with the results that checkpoint holds")
+    elif is_tracked(config, run_id):
+        print(f"{done} of MLflow run {run_id}; nothing to do", flush=True)
+    else:  # trained into another store or experiment: logged into this one, not trained again
+        logged = log_from_checkpoint(config, path, parent_run_id, state)
+        print(f"{done}; {config.tracking.uri} (experiment {config.tracking.experiment!r}) did not hold "
+              f"the run, so it was logged there from the checkpoint as MLflow run {logged}", flush=True)
+
+
 def _train(config: Config, stop_requested: StopCheck | None, parent_run_id: str | None, clock: Clock) -> dict:
     from attamba.data import build_batches, build_tokenizer, validation_documents
     from attamba.data.mqar import heldout_set
     from attamba.data.prefetch import Prefetcher
     from attamba.evals import suite
     from attamba.evals.passkey import check_lengths
-    from attamba.record import MetricRecord, is_tracked, log_from_checkpoint
+    from attamba.record import MetricRecord
     from attamba.tracking import TrackingUnavailable, run_status
 
     started = clock()
@@ -204,20 +230,8 @@ def _train(config: Config, stop_requested: StopCheck | None, parent_run_id: str 
         record = MetricRecord(state.get("metrics", ()))
         if step >= config.train.steps:  # finished earlier: nothing to train
             if dist_info.is_main:
-                status = run_status(config.tracking.uri, run_id, config.tracking.experiment)
-                done = f"already trained: {output} holds the final checkpoint (step {step} of {config.train.steps})"
-                if status not in ("FINISHED", None):  # the process ended before its store did: bring it in line
-                    tracker = open_run(config, flat, run_id, parent_run_id, tokenizer, dist_info.world_size, step)
-                    tracker.log_metrics(state["final"], step=step)  # those the store lacks
-                    finish_run(tracker, state["final"])
-                    say(f"finished MLflow run {run_id}, left {status} by a process that ended after its final "
-                        "checkpoint, with the results that checkpoint holds")
-                elif is_tracked(config, run_id):
-                    print(f"{done} of MLflow run {run_id}; nothing to do", flush=True)
-                else:  # trained into another store or experiment: logged into this one, not trained again
-                    logged = log_from_checkpoint(config, resumed[0], parent_run_id, state)
-                    print(f"{done}; {config.tracking.uri} (experiment {config.tracking.experiment!r}) did not hold "
-                          f"the run, so it was logged there from the checkpoint as MLflow run {logged}", flush=True)
+                settle_finished_run(config, flat, resumed[0], state, parent_run_id, tokenizer, dist_info.world_size,
+                                    say)
             distributed.shutdown()
             return state["final"]
     feed = Prefetcher(batches, pin=device.type == "cuda")
